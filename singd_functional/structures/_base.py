@@ -1,0 +1,206 @@
+"""The common base of every structured matrix type.
+
+A structured matrix is a square d x d matrix kept as its structure's own parameters
+(the "storage" column of ALGORITHM.md), never as a d x d tensor unless the structure
+is dense. Instances are immutable pytrees: their tensors are the leaves and their type
+(which carries static parameters such as a block size) is the tree spec, so
+``torch.func.vmap``, ``torch.compile`` and ``optree.tree_map`` see through them.
+
+Every operation returns a new object. Linear-space operations (sum, difference,
+scalar multiple) act on the stored parameters leaf by leaf, which is exact because
+each structure's dense form is linear in its parameters. Everything else is written
+per structure, in that structure's own parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._pytree import register_pytree
+
+Scalar = float | Tensor
+
+
+class StructuredMatrix:
+    """Base of the structured d x d matrices; see the module docstring.
+
+    Subclasses set ``name`` and ``_fields`` (the names of their tensor leaves, in
+    order) and implement the abstract methods below. Concrete subclasses are
+    registered as pytrees automatically.
+    """
+
+    name: ClassVar[str] = ""
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *leaves: Tensor):
+        if len(leaves) != len(self._fields):
+            raise TypeError(
+                f"{type(self).__name__} takes {len(self._fields)} tensors "
+                f"({', '.join(self._fields)}), got {len(leaves)}"
+            )
+        for field, leaf in zip(self._fields, leaves):
+            object.__setattr__(self, field, leaf)
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if cls._fields:
+            register_pytree(
+                cls,
+                lambda obj: (list(obj.leaves), None),
+                lambda _ctx, leaves: cls(*leaves),
+            )
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable; build a new one instead")
+
+    def __reduce__(self):
+        return (type(self)._rebuild, (self.name, self.leaves))
+
+    @staticmethod
+    def _rebuild(name: str, leaves: tuple[Tensor, ...]) -> StructuredMatrix:
+        from . import get
+
+        return get(name)(*leaves)
+
+    # ----------------------------------------------------------------- basics
+    @property
+    def leaves(self) -> tuple[Tensor, ...]:
+        return tuple(getattr(self, f) for f in self._fields)
+
+    @property
+    def dim(self) -> int:
+        """The side d of the d x d matrix."""
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.leaves[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.leaves[0].device
+
+    def storage_numel(self) -> int:
+        """Number of stored entries (the storage formula of ALGORITHM.md)."""
+        return sum(leaf.numel() for leaf in self.leaves)
+
+    def map(self, fn) -> StructuredMatrix:
+        """Apply ``fn`` to every stored tensor (e.g. a dtype or device cast)."""
+        return type(self)(*(fn(leaf) for leaf in self.leaves))
+
+    def to(self, *args: Any, **kwargs: Any) -> StructuredMatrix:
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, dtype={self.dtype})"
+
+    # ----------------------------------------------------- construction (abstract)
+    @classmethod
+    def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None):
+        """The identity I (d x d) in this structure."""
+        raise NotImplementedError
+
+    @classmethod
+    def zeros(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None):
+        """The zero matrix (d x d) in this structure."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_dense(cls, sym: Tensor):
+        """The projection Pi(M) of a symmetric d x d matrix M (ALGORITHM.md table)."""
+        raise NotImplementedError
+
+    @classmethod
+    def project_outer(cls, Y: Tensor):
+        """Pi(Y Y^T) for Y of shape [d, R], without forming the d x d product."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------- algebra (abstract)
+    def to_dense(self) -> Tensor:
+        """The d x d tensor this matrix stands for."""
+        raise NotImplementedError
+
+    def matmat(self, X: Tensor) -> Tensor:
+        """self @ X for X of shape [d, n]."""
+        raise NotImplementedError
+
+    def rmatmat(self, X: Tensor) -> Tensor:
+        """self^T @ X for X of shape [d, n]."""
+        raise NotImplementedError
+
+    def matmul(self, other: StructuredMatrix) -> StructuredMatrix:
+        """self @ other, both of this structure; the result stays in it."""
+        raise NotImplementedError
+
+    def gram(self) -> StructuredMatrix:
+        """Pi(self^T self)."""
+        raise NotImplementedError
+
+    def add_diag(self, value: Scalar) -> StructuredMatrix:
+        """self + value * I."""
+        raise NotImplementedError
+
+    def trace(self) -> Tensor:
+        """trace(self), a 0-d tensor."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------- derived, generic
+    def project_inner(self, X: Tensor) -> StructuredMatrix:
+        """Pi(self^T X X^T self) for X of shape [d, R]; self need not be symmetric."""
+        return type(self).project_outer(self.rmatmat(X))
+
+    def average_trace(self) -> Tensor:
+        """trace(self) / d."""
+        return self.trace() / self.dim
+
+    def max_abs(self) -> Tensor:
+        """The largest absolute entry, a 0-d tensor (0 for an empty matrix)."""
+        parts = [leaf.abs().amax() for leaf in self.leaves if leaf.numel() > 0]
+        if not parts:
+            return self.leaves[0].new_zeros(())
+        return torch.stack(parts).amax()
+
+    def _check_same(self, other: Any) -> None:
+        if type(other) is not type(self):
+            raise TypeError(
+                f"cannot combine {type(self).__name__} ({self.name!r}) with "
+                f"{type(other).__name__}: both operands must have the same structure"
+            )
+
+    def __add__(self, other: StructuredMatrix) -> StructuredMatrix:
+        self._check_same(other)
+        return type(self)(*(a + b for a, b in zip(self.leaves, other.leaves)))
+
+    def __sub__(self, other: StructuredMatrix) -> StructuredMatrix:
+        self._check_same(other)
+        return type(self)(*(a - b for a, b in zip(self.leaves, other.leaves)))
+
+    def __mul__(self, scalar: Scalar) -> StructuredMatrix:
+        if isinstance(scalar, StructuredMatrix):
+            raise TypeError("use `@` (matmul) for products of structured matrices")
+        return self.map(lambda t: t * scalar)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar: Scalar) -> StructuredMatrix:
+        return self.map(lambda t: t / scalar)
+
+    def __neg__(self) -> StructuredMatrix:
+        return self.map(torch.neg)
+
+    def __matmul__(self, other: StructuredMatrix | Tensor):
+        if isinstance(other, StructuredMatrix):
+            self._check_same(other)
+            return self.matmul(other)
+        return self.matmat(other)
+
+
+def _eye_like(n: int, like: Tensor) -> Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def _resolve(dtype: torch.dtype | None) -> torch.dtype:
+    return torch.get_default_dtype() if dtype is None else dtype

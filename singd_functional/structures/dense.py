@@ -1,0 +1,58 @@
+"""Dense K or C: d^2 parameters, Pi is the identity map (plain KFAC-like SINGD)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._base import Scalar, StructuredMatrix, _resolve
+
+
+class Dense(StructuredMatrix):
+    """A full d x d matrix. Leaves: ``mat`` [d, d]."""
+
+    name = "dense"
+    _fields = ("mat",)
+    mat: Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.mat.shape[-1]
+
+    @classmethod
+    def eye(cls, dim, dtype=None, device=None):
+        return cls(torch.eye(dim, dtype=_resolve(dtype), device=device))
+
+    @classmethod
+    def zeros(cls, dim, dtype=None, device=None):
+        return cls(torch.zeros(dim, dim, dtype=_resolve(dtype), device=device))
+
+    @classmethod
+    def from_dense(cls, sym: Tensor):
+        return cls(sym.clone())
+
+    @classmethod
+    def project_outer(cls, Y: Tensor):
+        return cls(Y @ Y.mT)
+
+    def to_dense(self) -> Tensor:
+        return self.mat
+
+    def matmat(self, X: Tensor) -> Tensor:
+        return self.mat @ X
+
+    def rmatmat(self, X: Tensor) -> Tensor:
+        return self.mat.mT @ X
+
+    def matmul(self, other: Dense) -> Dense:
+        return Dense(self.mat @ other.mat)
+
+    def gram(self) -> Dense:
+        return Dense(self.mat.mT @ self.mat)
+
+    def add_diag(self, value: Scalar) -> Dense:
+        eye = torch.eye(self.dim, dtype=self.mat.dtype, device=self.mat.device)
+        return Dense(self.mat + value * eye)
+
+    def trace(self) -> Tensor:
+        return torch.diagonal(self.mat, dim1=-2, dim2=-1).sum(-1)
