@@ -1,1 +1,53 @@
-"""singd_functional: SINGD as a pure torch.func optimizer, plus a drop-in torch.optim face."""
+"""singd_functional: SINGD as a pure torch.func optimizer, plus a drop-in torch.optim face.
+
+The data path, one module per stage::
+
+    layers.py       find_layers(model)            which layers, described statically
+    capture.py      make_capture(...)             inputs + output gradients via torch.func
+    statistics.py   layer_statistics(...)         H_K, H_C
+    factors.py      update_factors(...)           K, C, m_K, m_C
+    precondition.py natural_gradient(...)         C C^T G K K^T
+    transform.py    singd(...) -> (init, update)  the pure core
+
+Faces over that core: :class:`SINGD` (``optim.py``, a torch.optim.Optimizer) and the
+vmapped sweeps (``sweep.py``).
+"""
+
+from . import structures
+from .capture import LayerCapture, make_capture
+from .combine import (
+    GradientTransformation,
+    apply_updates,
+    chain,
+    clip_by_global_norm,
+    masked,
+    scale_by_schedule,
+)
+from .factors import Factors
+from .fallbacks import adamw, sgd
+from .layers import LayerInfo, find_layers
+from .statistics import LayerStatistics
+from .transform import HyperParams, SINGDState, singd
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "structures",
+    "find_layers",
+    "LayerInfo",
+    "make_capture",
+    "LayerCapture",
+    "LayerStatistics",
+    "Factors",
+    "singd",
+    "HyperParams",
+    "SINGDState",
+    "GradientTransformation",
+    "apply_updates",
+    "chain",
+    "masked",
+    "clip_by_global_norm",
+    "scale_by_schedule",
+    "sgd",
+    "adamw",
+]

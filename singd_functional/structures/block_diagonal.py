@@ -1,8 +1,165 @@
-"""STUB: being written (block{B}diagonal)."""
-from ._base import StructuredMatrix
+"""Block-diagonal K or C: floor(d/B) B x B blocks plus one (d mod B) x (d mod B) block.
+
+``block{B}diagonal`` is a family indexed by the block size B; :meth:`BlockDiagonal.specialize`
+builds (once, cached) the concrete pytree type for one B. Pi keeps the diagonal blocks.
+
+Every operation works block by block with one batched matmul over the ``nb`` full blocks
+and one plain matmul for the trailing block; nothing d x d is formed except in
+:meth:`to_dense` / :meth:`from_dense`. Blocks are general (not symmetric) matrices, so
+``rmatmat`` and ``gram`` use each block's transpose.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from ._base import Scalar, StructuredMatrix, _eye_like, _resolve
 
 
 class BlockDiagonal(StructuredMatrix):
+    """blockdiag(blocks[0], ..., blocks[nb-1], last).
+
+    Leaves: ``blocks`` [nb, B, B] with nb = d // B, and ``last`` [r, r] with r = d % B
+    (either may be empty). Use :meth:`specialize` (or ``structures.get``) to get the
+    type for a block size; the unspecialized base cannot be instantiated.
+    """
+
+    block_size: int = 0
+    blocks: Tensor
+    last: Tensor
+
     @classmethod
-    def specialize(cls, block_size):
-        raise NotImplementedError
+    def specialize(cls, block_size: int) -> type[BlockDiagonal]:
+        """The (cached) ``block{B}diagonal`` type for block size ``B >= 1``."""
+        return _specialize(int(block_size))
+
+    def __init__(self, *leaves: Tensor):
+        if not type(self).block_size:
+            raise TypeError("use BlockDiagonal.specialize(B) to get a concrete block size")
+        super().__init__(*leaves)
+
+    # ----------------------------------------------------------------- helpers
+    @classmethod
+    def _split(cls, dim: int) -> tuple[int, int]:
+        """(nb, r): the number of full blocks and the size of the trailing block."""
+        if cls.block_size < 1:
+            raise TypeError("use BlockDiagonal.specialize(B) to get a concrete block size")
+        return divmod(dim, cls.block_size)
+
+    @property
+    def _nb(self) -> int:
+        return self.blocks.shape[-3]
+
+    @property
+    def dim(self) -> int:
+        return self._nb * self.block_size + self.last.shape[-1]
+
+    def _apply(self, X: Tensor, fn_blocks, fn_last) -> Tensor:
+        """cat(fn_blocks(blocks, X_main) per block, fn_last(last, X_last)) for X [..., d, n]."""
+        B, nb = self.block_size, self._nb
+        m = nb * B
+        Xm = X[..., :m, :]
+        Xm = Xm.reshape(*Xm.shape[:-2], nb, B, Xm.shape[-1])
+        top = fn_blocks(self.blocks, Xm)
+        top = top.reshape(*top.shape[:-3], m, top.shape[-1])
+        bottom = fn_last(self.last, X[..., m:, :])
+        batch = torch.broadcast_shapes(top.shape[:-2], bottom.shape[:-2])
+        top = top.expand(*batch, *top.shape[-2:])
+        bottom = bottom.expand(*batch, *bottom.shape[-2:])
+        return torch.cat([top, bottom], dim=-2)
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def eye(cls, dim, dtype=None, device=None):
+        nb, r = cls._split(dim)
+        B, dtype = cls.block_size, _resolve(dtype)
+        blocks = torch.eye(B, dtype=dtype, device=device).expand(nb, B, B).clone()
+        return cls(blocks, torch.eye(r, dtype=dtype, device=device))
+
+    @classmethod
+    def zeros(cls, dim, dtype=None, device=None):
+        nb, r = cls._split(dim)
+        B, dtype = cls.block_size, _resolve(dtype)
+        return cls(
+            torch.zeros(nb, B, B, dtype=dtype, device=device),
+            torch.zeros(r, r, dtype=dtype, device=device),
+        )
+
+    @classmethod
+    def from_dense(cls, sym: Tensor):
+        nb, _ = cls._split(sym.shape[-1])
+        B = cls.block_size
+        m = nb * B
+        main = sym[..., :m, :m].reshape(*sym.shape[:-2], nb, B, nb, B)
+        # diagonal over the two block indices -> [..., B, B, nb] -> [..., nb, B, B]
+        blocks = torch.diagonal(main, dim1=-4, dim2=-2).movedim(-1, -3)
+        return cls(blocks.clone(), sym[..., m:, m:].clone())
+
+    @classmethod
+    def project_outer(cls, Y: Tensor):
+        nb, _ = cls._split(Y.shape[-2])
+        B = cls.block_size
+        m = nb * B
+        Ym = Y[..., :m, :]
+        Ym = Ym.reshape(*Ym.shape[:-2], nb, B, Ym.shape[-1])
+        Yl = Y[..., m:, :]
+        return cls(Ym @ Ym.mT, Yl @ Yl.mT)
+
+    # ------------------------------------------------------------------ algebra
+    def to_dense(self) -> Tensor:
+        blocks, last = self.blocks, self.last
+        B, nb, r = self.block_size, self._nb, last.shape[-1]
+        m = nb * B
+        batch = torch.broadcast_shapes(blocks.shape[:-3], last.shape[:-2])
+        blocks = blocks.expand(*batch, nb, B, B)
+        last = last.expand(*batch, r, r)
+        # [..., i, a, j, b] = delta_ij * blocks[..., i, a, b]
+        sel = _eye_like(nb, blocks)[:, None, :, None]
+        main = (sel * blocks[..., :, :, None, :]).reshape(*batch, m, m)
+        top = torch.cat([main, blocks.new_zeros(*batch, m, r)], dim=-1)
+        bottom = torch.cat([last.new_zeros(*batch, r, m), last], dim=-1)
+        return torch.cat([top, bottom], dim=-2)
+
+    def matmat(self, X: Tensor) -> Tensor:
+        return self._apply(X, torch.matmul, torch.matmul)
+
+    def rmatmat(self, X: Tensor) -> Tensor:
+        return self._apply(X, lambda K, Z: K.mT @ Z, lambda K, Z: K.mT @ Z)
+
+    def matmul(self, other: BlockDiagonal) -> BlockDiagonal:
+        return type(self)(self.blocks @ other.blocks, self.last @ other.last)
+
+    def gram(self) -> BlockDiagonal:
+        return type(self)(self.blocks.mT @ self.blocks, self.last.mT @ self.last)
+
+    def add_diag(self, value: Scalar) -> BlockDiagonal:
+        eye_b = _eye_like(self.block_size, self.blocks)
+        eye_r = _eye_like(self.last.shape[-1], self.last)
+        return type(self)(self.blocks + value * eye_b, self.last + value * eye_r)
+
+    def trace(self) -> Tensor:
+        main = torch.diagonal(self.blocks, dim1=-2, dim2=-1).sum((-2, -1))
+        return main + torch.diagonal(self.last, dim1=-2, dim2=-1).sum(-1)
+
+
+@functools.cache
+def _specialize(block_size: int) -> type[BlockDiagonal]:
+    if block_size < 1:
+        raise ValueError(f"the block size must be a positive integer, got {block_size}")
+    qualname = f"BlockDiagonal{block_size}"
+    return type(
+        qualname,
+        (BlockDiagonal,),
+        {
+            "name": f"block{block_size}diagonal",
+            "block_size": block_size,
+            "_fields": ("blocks", "last"),
+            "__module__": __name__,
+            "__qualname__": qualname,
+            "__doc__": f"Block-diagonal with {block_size} x {block_size} blocks "
+            "(see :class:`BlockDiagonal`).",
+        },
+    )

@@ -1,0 +1,40 @@
+"""Stage 5 of the data path: the preconditioned (natural) gradient of one layer.
+
+    D = C C^T G K K^T,   G = [grad W | grad b]  ([d_out, d_K])
+
+computed right-to-left with structured products only (nothing is inverted, no
+d x d product of the factors is formed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .layers import LayerInfo
+from .structures import StructuredMatrix
+
+
+def layer_gradient_matrix(info: LayerInfo, grads) -> Tensor:
+    """G = [grad W (flattened to [d_out, d_in]) | grad b] of one layer."""
+    G = grads[info.weight].reshape(info.d_out, -1)
+    if info.bias is not None:
+        G = torch.cat([G, grads[info.bias].reshape(info.d_out, 1)], 1)
+    return G
+
+
+def natural_gradient(K: StructuredMatrix, C: StructuredMatrix, G: Tensor) -> Tensor:
+    """C C^T G K K^T for G [d_C, d_K]; returns [d_C, d_K] in G's dtype."""
+    dtype = G.dtype
+    G = G.to(C.dtype)
+    left = C.matmat(C.rmatmat(G))  # C C^T G
+    left = left.to(K.dtype)
+    return K.matmat(K.rmatmat(left.mT)).mT.to(dtype)  # (K K^T (C C^T G)^T)^T
+
+
+def split_layer_update(info: LayerInfo, D: Tensor, params) -> dict[str, Tensor]:
+    """Split D [d_out, d_K] into tensors shaped like the layer's weight (and bias)."""
+    out = {info.weight: D[:, : info.d_in].reshape(params[info.weight].shape)}
+    if info.bias is not None:
+        out[info.bias] = D[:, info.d_in].reshape(params[info.bias].shape)
+    return out

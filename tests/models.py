@@ -1,0 +1,82 @@
+"""Small float64 models and batches shared by the equivalence tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Seq(nn.Module):
+    """Token model: Linear on [N, S, d] inputs, a Conv1d over the sequence, Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.conv = nn.Conv1d(6, 5, 3, padding=1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        h = torch.relu(self.conv(h.transpose(1, 2))).transpose(1, 2)
+        return self.head(h)
+
+
+class Twice(nn.Module):
+    """One Linear called twice per forward pass (extra weight-sharing positions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+def make_model(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        m = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3))
+    elif kind == "cnn":
+        m = nn.Sequential(
+            nn.Conv2d(3, 4, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, dilation=2, padding="same", groups=2),
+            nn.ReLU(),
+            nn.Conv2d(4, 2, 2, padding="same", padding_mode="circular"),
+            nn.Flatten(),
+            nn.Linear(2 * 3 * 3, 3),
+        )
+    elif kind == "seq":
+        m = Seq()
+    elif kind == "twice":
+        m = Twice()
+    else:
+        raise ValueError(kind)
+    return m.double()
+
+
+def make_batch(kind: str, step: int, n: int = 8):
+    g = torch.Generator().manual_seed(1000 + step)
+    if kind in ("mlp", "twice"):
+        return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    if kind == "cnn":
+        return torch.randn(n, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    return torch.randn(n, 7, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n, 7), generator=g)
+
+
+def make_loss(loss_average):
+    """The loss whose reduction matches ``loss_average``."""
+
+    def loss_fn(out, y):
+        total = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
+        if loss_average is None:
+            return total
+        if loss_average == "batch":
+            return total / y.shape[0]
+        if loss_average == "batch+sequence":
+            return total / y.numel()
+        return total / loss_average
+
+    return loss_fn

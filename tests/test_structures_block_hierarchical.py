@@ -1,0 +1,218 @@
+"""Family-specific tests for block{B}diagonal and hierarchical{K1}_{K2}.
+
+The generic property tests live in test_structures.py; here: the degenerate sizes where a
+family collapses to dense (and must then agree with Dense exactly, including for a
+non-symmetric K, which the official package's block-diagonal got wrong), empty blocks,
+leading batch dimensions, purity (inputs never mutated) and the type factories.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from singd_functional import structures
+from singd_functional.structures import BlockDiagonal, Dense, Hierarchical
+
+DT = torch.float64
+
+
+def _rand(T, d, gen=None):
+    return T(*(torch.randn(leaf.shape, dtype=DT, generator=gen) for leaf in T.zeros(d).leaves))
+
+
+def _close(a, b, tol=1e-12):
+    scale = max(b.norm().item(), 1.0)
+    assert (a - b).norm().item() <= tol * scale
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# -------------------------------------------------------------- collapse to dense
+COLLAPSE = [("block30diagonal", d) for d in (1, 7, 29, 30)] + [
+    ("block5diagonal", 5),
+    ("hierarchical15_15", 1),
+    ("hierarchical15_15", 9),
+    ("hierarchical15_15", 15),
+    ("hierarchical3_2", 3),
+]
+
+
+@pytest.mark.parametrize(("name", "d"), COLLAPSE, ids=[f"{n}-d{d}" for n, d in COLLAPSE])
+def test_small_sizes_equal_dense(name, d):
+    """With d <= B (block) or d <= K1 (hierarchical) every member is a full matrix."""
+    T = structures.get(name)
+    K, L = _rand(T, d), _rand(T, d)
+    Kd, Ld = Dense(K.to_dense()), Dense(L.to_dense())
+    assert d == 1 or not torch.allclose(Kd.mat, Kd.mat.T)  # genuinely non-symmetric
+    X = torch.randn(d, 5, dtype=DT)
+    M = torch.randn(d, d, dtype=DT)
+    M = M + M.T
+    _close(T.from_dense(M).to_dense(), M)
+    _close(T.project_outer(X).to_dense(), Dense.project_outer(X).mat)
+    _close(K.project_inner(X).to_dense(), Kd.project_inner(X).mat)
+    _close(K.gram().to_dense(), Kd.gram().mat)
+    _close(K.matmul(L).to_dense(), Kd.matmul(Ld).mat)
+    _close(K.matmat(X), Kd.matmat(X))
+    _close(K.rmatmat(X), Kd.rmatmat(X))
+    _close(K.add_diag(0.7).to_dense(), Kd.add_diag(0.7).mat)
+    _close(K.trace(), Kd.trace())
+
+
+def test_block_transpose_products_use_block_transpose():
+    """The official package's bug: K^T X computed as K X and K^T K as K K^T."""
+    T = structures.get("block2diagonal")
+    blocks = torch.tensor([[[1.0, 2.0], [0.0, 1.0]]], dtype=DT)
+    K = T(blocks, torch.zeros(0, 0, dtype=DT))
+    X = torch.tensor([[0.0], [1.0]], dtype=DT)
+    _close(K.rmatmat(X), torch.tensor([[0.0], [1.0]], dtype=DT))  # K X would be [2, 1]
+    _close(K.gram().blocks[0], blocks[0].T @ blocks[0])
+    assert not torch.allclose(K.gram().blocks[0], blocks[0] @ blocks[0].T)
+
+
+# ----------------------------------------------------------------- empty pieces
+EDGE = [
+    ("block30diagonal", 30),  # last is 0 x 0
+    ("block30diagonal", 60),
+    ("block30diagonal", 12),  # no full block
+    ("hierarchical3_2", 3),  # B, c, D, E empty
+    ("hierarchical3_2", 5),  # n = 0: c and D empty, B = B2
+    ("hierarchical3_2", 4),  # n = 0, k2 = 1
+]
+
+
+@pytest.mark.parametrize(("name", "d"), EDGE, ids=[f"{n}-d{d}" for n, d in EDGE])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_empty_pieces_work_in_every_op(name, d, dtype):
+    T = structures.get(name)
+    K, L = _rand(T, d).to(dtype), _rand(T, d).to(dtype)
+    assert any(leaf.numel() == 0 for leaf in K.leaves)
+    Kd, Ld = K.to_dense().double(), L.to_dense().double()
+    X = torch.randn(d, 3, dtype=DT).to(dtype)
+    Xd = X.double()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    assert K.dim == d and K.to_dense().shape == (d, d)
+    assert T.eye(d, dtype=dtype).dtype == dtype and T.zeros(d).dim == d
+    _close(K.matmat(X).double(), Kd @ Xd, tol)
+    _close(K.rmatmat(X).double(), Kd.T @ Xd, tol)
+    _close(K.matmul(L).to_dense().double(), Kd @ Ld, tol)
+    _close(
+        K.add_diag(torch.tensor(0.5, dtype=dtype)).to_dense().double(),
+        Kd + 0.5 * torch.eye(d, dtype=DT),
+        tol,
+    )
+    _close(K.trace().double(), torch.trace(Kd), tol)
+    _close(K.max_abs().double(), Kd.abs().max(), tol)
+    for H in (K.gram(), K.project_inner(X), T.project_outer(X), T.from_dense(Kd.to(dtype))):
+        assert type(H) is T and H.dim == d
+        assert [t.shape for t in H.leaves] == [t.shape for t in K.leaves]
+
+
+def test_block_zero_dim():
+    T = structures.get("block4diagonal")
+    K = T.eye(0)
+    assert K.dim == 0 and K.to_dense().shape == (0, 0)
+    assert K.matmat(torch.zeros(0, 3)).shape == (0, 3)
+    assert K.rmatmat(torch.zeros(0, 3)).shape == (0, 3)
+    assert K.matmul(K).dim == 0 and K.gram().dim == 0 and K.trace().item() == 0
+
+
+def test_storage_shapes():
+    K = structures.get("block30diagonal").eye(100)
+    assert K.blocks.shape == (3, 30, 30) and K.last.shape == (10, 10)
+    H = structures.get("hierarchical15_15").eye(100)
+    assert [tuple(t.shape) for t in H.leaves] == [(15, 15), (15, 85), (70,), (15, 70), (15, 15)]
+
+
+# ---------------------------------------------------------------- batches, purity
+@pytest.mark.parametrize("name", ["block3diagonal", "hierarchical3_2"])
+def test_leading_batch_dims_without_vmap(name):
+    """Stacked members work directly (broadcast over leading dims) and match per-member."""
+    T = structures.get(name)
+    d, n = 8, 3
+    Ks = [_rand(T, d) for _ in range(n)]
+    Ls = [_rand(T, d) for _ in range(n)]
+    K = T(*(torch.stack(ts) for ts in zip(*(k.leaves for k in Ks))))
+    L = T(*(torch.stack(ts) for ts in zip(*(k.leaves for k in Ls))))
+    X = torch.randn(n, d, 4, dtype=DT)
+    M = torch.randn(n, d, d, dtype=DT)
+    M = M + M.mT
+    assert K.dim == d
+    _close(K.to_dense(), torch.stack([k.to_dense() for k in Ks]))
+    _close(K.matmat(X), torch.stack([k.to_dense() @ x for k, x in zip(Ks, X)]))
+    _close(K.rmatmat(X), torch.stack([k.to_dense().T @ x for k, x in zip(Ks, X)]))
+    _close(K.matmul(L).to_dense(), torch.stack([(k @ m).to_dense() for k, m in zip(Ks, Ls)]))
+    _close(K.gram().to_dense(), torch.stack([k.gram().to_dense() for k in Ks]))
+    _close(K.trace(), torch.stack([k.trace() for k in Ks]))
+    _close(T.project_outer(X).to_dense(), torch.stack([T.project_outer(x).to_dense() for x in X]))
+    _close(T.from_dense(M).to_dense(), torch.stack([T.from_dense(m).to_dense() for m in M]))
+    # an unbatched member times a batch of X
+    _close(Ks[0].matmat(X), torch.stack([Ks[0].to_dense() @ x for x in X]))
+
+
+@pytest.mark.parametrize("name", ["block3diagonal", "hierarchical3_2"])
+def test_operations_do_not_touch_inputs(name):
+    T = structures.get(name)
+    d = 10
+    K, L = _rand(T, d), _rand(T, d)
+    X = torch.randn(d, 4, dtype=DT)
+    M = torch.randn(d, d, dtype=DT)
+    M = M + M.T
+    before = [t.clone() for t in (*K.leaves, *L.leaves, X, M)]
+    outs = [
+        K.matmat(X), K.rmatmat(X), K.matmul(L), K.gram(), K.add_diag(1.0), K.trace(),
+        K.project_inner(X), T.project_outer(X), T.from_dense(M), K.to_dense(),
+    ]  # fmt: skip
+    for t, b in zip((*K.leaves, *L.leaves, X, M), before):
+        assert torch.equal(t, b)
+    # results never alias an input: writing into them leaves the inputs alone
+    P = T.from_dense(M)
+    for leaf in P.leaves:
+        leaf.add_(1.0)
+    assert torch.equal(M, before[-1])
+    assert len(outs) == 10
+
+
+@pytest.mark.parametrize("name", ["block3diagonal", "hierarchical3_2"])
+def test_grad_through_operations(name):
+    """torch.func.grad sees through the types; the gradient matches the dense one."""
+    T = structures.get(name)
+    d = 8
+    K = _rand(T, d)
+    X = torch.randn(d, 3, dtype=DT)
+
+    def loss(K):
+        return K.project_inner(X).gram().trace() + K.matmat(X).square().sum()
+
+    g = torch.func.grad(loss)(K)
+    assert type(g) is T
+    # finite-difference check on a random direction
+    V = _rand(T, d)
+    eps = 1e-6
+    fd = (loss(K + V * eps) - loss(K - V * eps)) / (2 * eps)
+    an = sum((a * b).sum() for a, b in zip(g.leaves, V.leaves))
+    _close(an, fd, 1e-6)
+
+
+# ------------------------------------------------------------------- factories
+def test_specialize_caches_and_validates():
+    assert BlockDiagonal.specialize(7) is structures.get("block7diagonal")
+    assert Hierarchical.specialize(4, 6) is structures.get("hierarchical4_6")
+    T = BlockDiagonal.specialize(7)
+    assert T.name == "block7diagonal" and T.block_size == 7 and T._fields == ("blocks", "last")
+    H = Hierarchical.specialize(4, 6)
+    assert H.name == "hierarchical4_6" and (H.K1, H.K2) == (4, 6)
+    assert H._fields == ("A", "B", "c", "D", "E")
+    assert issubclass(T, BlockDiagonal) and issubclass(H, Hierarchical)
+    for bad in (lambda: BlockDiagonal.specialize(0), lambda: Hierarchical.specialize(0, 3)):
+        with pytest.raises(ValueError):
+            bad()
+    with pytest.raises(TypeError):
+        BlockDiagonal(torch.zeros(1, 1, 1), torch.zeros(0, 0))
+    with pytest.raises(TypeError):
+        BlockDiagonal.eye(4)
+    with pytest.raises(TypeError):
+        structures.get("block3diagonal").eye(4) @ structures.get("block4diagonal").eye(4)
