@@ -96,7 +96,9 @@ def masked(inner: GradientTransformation, keys) -> GradientTransformation:
         return inner.init(pick(params))
 
     def update(updates, state, params=None, **extra):
-        sub, state = inner.update(pick(updates), state, None if params is None else pick(params), **extra)
+        sub, state = inner.update(
+            pick(updates), state, None if params is None else pick(params), **extra
+        )
         return {**updates, **sub}, state
 
     return GradientTransformation(init, update)

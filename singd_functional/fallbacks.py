@@ -17,10 +17,12 @@ class SGDState(NamedTuple):
     velocity: dict[str, Tensor]
 
 
-def sgd(lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0) -> GradientTransformation:
+def sgd(
+    lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0
+) -> GradientTransformation:
     """Heavy-ball SGD as ``torch.optim.SGD`` (no dampening, no Nesterov)::
 
-        v <- momentum v + (g + weight_decay w);   update = -lr v
+    v <- momentum v + (g + weight_decay w);   update = -lr v
     """
 
     def init(params):

@@ -23,13 +23,35 @@ def layer_gradient_matrix(info: LayerInfo, grads) -> Tensor:
     return G
 
 
-def natural_gradient(K: StructuredMatrix, C: StructuredMatrix, G: Tensor) -> Tensor:
-    """C C^T G K K^T for G [d_C, d_K]; returns [d_C, d_K] in G's dtype."""
+def natural_gradient(
+    K: StructuredMatrix,
+    C: StructuredMatrix,
+    G: Tensor,
+    cached: dict[str, StructuredMatrix] | None = None,
+) -> Tensor:
+    """C C^T G K K^T for G [d_C, d_K]; returns [d_C, d_K] in G's dtype.
+
+    ``cached`` may hold ``"K"``: K K^T and/or ``"C"``: C C^T (see
+    :func:`outer_products`); a cached product costs one structured product instead
+    of two.
+    """
+    cached = cached or {}
     dtype = G.dtype
     G = G.to(C.dtype)
-    left = C.matmat(C.rmatmat(G))  # C C^T G
-    left = left.to(K.dtype)
-    return K.matmat(K.rmatmat(left.mT)).mT.to(dtype)  # (K K^T (C C^T G)^T)^T
+    left = cached["C"].matmat(G) if "C" in cached else C.matmat(C.rmatmat(G))  # C C^T G
+    left = left.mT.to(K.dtype)
+    right = cached["K"].matmat(left) if "K" in cached else K.matmat(K.rmatmat(left))
+    return right.mT.to(dtype)  # (K K^T (C C^T G)^T)^T
+
+
+def outer_products(K: StructuredMatrix, C: StructuredMatrix) -> dict[str, StructuredMatrix]:
+    """The products K K^T and C C^T that stay in their structure (the others are left out)."""
+    out = {}
+    if K.closed_under_outer:
+        out["K"] = K.outer_self()
+    if C.closed_under_outer:
+        out["C"] = C.outer_self()
+    return out
 
 
 def split_layer_update(info: LayerInfo, D: Tensor, params) -> dict[str, Tensor]:

@@ -45,7 +45,9 @@ def _patches(info: LayerInfo, x: Tensor) -> Tensor:
         mode = "constant" if info.padding_mode == "zeros" else info.padding_mode
         x = F.pad(x, (left, right, top, bottom), mode=mode)
         padding = (0, 0)
-    return F.unfold(x, info.kernel_size, dilation=info.dilation, padding=padding, stride=info.stride)
+    return F.unfold(
+        x, info.kernel_size, dilation=info.dilation, padding=padding, stride=info.stride
+    )
 
 
 def _rows_one_call(info: LayerInfo, x: Tensor, g: Tensor):

@@ -18,8 +18,14 @@ from . import structures as _structures
 from .combine import GradientTransformation
 from .factors import Factors, update_factors
 from .layers import LayerInfo
-from .precondition import layer_gradient_matrix, natural_gradient, split_layer_update
+from .precondition import (
+    layer_gradient_matrix,
+    natural_gradient,
+    outer_products,
+    split_layer_update,
+)
 from .statistics import KFAC_APPROXES, LOSS_AVERAGES, LayerStatistics, layer_statistics
+from .structures import StructuredMatrix
 
 Number = float | Tensor
 
@@ -49,6 +55,9 @@ class SINGDState(NamedTuple):
         velocity: heavy-ball buffer per parameter key (layer parameters, and the rest
             unless a ``fallback`` transform handles them).
         fallback: the fallback transform's state, or ``()``.
+        products: per layer name, the cached ``{"K": K K^T, "C": C C^T}`` (only the
+            structures closed under that product; empty without
+            ``cache_preconditioner``).
     """
 
     count: Tensor
@@ -56,6 +65,7 @@ class SINGDState(NamedTuple):
     momenta: dict[str, Factors]
     velocity: dict[str, Tensor]
     fallback: Any
+    products: dict[str, dict[str, StructuredMatrix]] = {}  # noqa: RUF012 (never mutated)
 
 
 def _check_nonnegative(hp: Mapping[str, Any]) -> None:
@@ -78,6 +88,17 @@ def _check_loss_average(loss_average) -> None:
     )
 
 
+def _heavy_ball(v: Tensor, d: Tensor, p: Tensor, momentum, weight_decay) -> Tensor:
+    """v <- momentum v + d + weight_decay p, with fused ops when hyperparameters are floats."""
+    if isinstance(weight_decay, (int, float)):
+        step = d if weight_decay == 0 else torch.add(d, p, alpha=weight_decay)
+    else:
+        step = d + p * weight_decay
+    if isinstance(momentum, (int, float)):
+        return torch.add(step, v, alpha=momentum)
+    return v * momentum + step
+
+
 def resolve_structures(layers, structures) -> dict[str, tuple[type, type]]:
     """Per layer name, the structure types of (K, C).
 
@@ -86,7 +107,11 @@ def resolve_structures(layers, structures) -> dict[str, tuple[type, type]]:
     """
     out = {}
     for info in layers:
-        pair = structures.get(info.name, ("dense", "dense")) if isinstance(structures, Mapping) else structures
+        pair = (
+            structures.get(info.name, ("dense", "dense"))
+            if isinstance(structures, Mapping)
+            else structures
+        )
         if isinstance(pair, str) or len(pair) != 2:
             raise ValueError(
                 f"structures must be a pair (K structure, C structure), got {pair!r} "
@@ -111,6 +136,7 @@ def singd(
     normalize_lr_cov: bool = False,
     preconditioner_dtype=(None, None),
     fallback: GradientTransformation | None = None,
+    cache_preconditioner: bool = False,
 ) -> GradientTransformation:
     """SINGD (Lin et al., ICML 2024) as a pure transform over parameter dicts.
 
@@ -141,6 +167,11 @@ def singd(
         preconditioner_dtype: dtypes of (K and m_K, C and m_C); None = weight dtype.
         fallback: transform for parameters outside ``layers``; None: the same
             heavy-ball step with an identity preconditioner (SGD with momentum).
+        cache_preconditioner: keep K K^T and C C^T between factor updates for the
+            structures closed under that product (dense, diagonal, block-diagonal):
+            a plain step then costs two structured products per layer instead of
+            four. Costs the memory of K and C once more; worth it when captures come
+            every T > 1 steps.
 
     Returns:
         ``GradientTransformation(init, update)`` with
@@ -154,7 +185,9 @@ def singd(
     if kfac_approx not in KFAC_APPROXES:
         raise ValueError(f"kfac_approx must be one of {KFAC_APPROXES}, got {kfac_approx!r}")
     _check_loss_average(loss_average)
-    defaults = HyperParams(lr, momentum, damping, 0.0 if kfac_like else alpha1, weight_decay, lr_cov)
+    defaults = HyperParams(
+        lr, momentum, damping, 0.0 if kfac_like else alpha1, weight_decay, lr_cov
+    )
     _check_nonnegative({k: v for k, v in defaults._asdict().items() if not callable(v)})
     struct_types = resolve_structures(layers, structures)
     keeps_momenta = not kfac_like and not (isinstance(alpha1, numbers.Real) and alpha1 == 0)
@@ -173,7 +206,8 @@ def singd(
             TK, TC = struct_types[info.name]
             dK, dC = dtype_K or w.dtype, dtype_C or w.dtype
             factors[info.name] = Factors(
-                TK.eye(info.d_K, dtype=dK, device=w.device), TC.eye(info.d_C, dtype=dC, device=w.device)
+                TK.eye(info.d_K, dtype=dK, device=w.device),
+                TC.eye(info.d_C, dtype=dC, device=w.device),
             )
             if keeps_momenta:
                 momenta[info.name] = Factors(
@@ -188,6 +222,9 @@ def singd(
             momenta=momenta,
             velocity={k: torch.zeros_like(p) for k, p in owned.items()},
             fallback=() if fallback is None else fallback.init(others),
+            products={n: outer_products(*f) for n, f in factors.items()}
+            if cache_preconditioner
+            else {},
         )
 
     def _hyperparams(override: HyperParams | None) -> HyperParams:
@@ -249,6 +286,7 @@ def singd(
         if captures is not None:
             statistics = {**_statistics(state, captures, grad_scale, hp), **(statistics or {})}
         factors, momenta = dict(state.factors), dict(state.momenta)
+        products = dict(state.products)
         if statistics:
             # a float64 count keeps `0.2 / (1 + t)` exact; int64 would give float32
             beta = hp.lr_cov(state.count.double()) if callable(hp.lr_cov) else hp.lr_cov
@@ -267,22 +305,21 @@ def singd(
                 )
                 if m is not None:
                     momenta[name] = m
+                if cache_preconditioner:
+                    products[name] = outer_products(*factors[name])
 
-        unscale = 1.0 / grad_scale if not (isinstance(grad_scale, float) and grad_scale == 1.0) else None
+        unscaled = isinstance(grad_scale, (int, float)) and grad_scale == 1
         directions = {}
         for info in layers:
             G = layer_gradient_matrix(info, grads)
-            if unscale is not None:
-                G = G * unscale
-            D = natural_gradient(*factors[info.name], G)
+            D = natural_gradient(*factors[info.name], G, products.get(info.name))
             directions.update(split_layer_update(info, D, params))
         updates, velocity = {}, {}
         for k, v in state.velocity.items():
-            d = directions.get(k)
-            if d is None:
-                d = grads[k] if unscale is None else grads[k] * unscale
-            step = d + params[k] * hp.weight_decay
-            velocity[k] = v * hp.momentum + step
+            d = directions.get(k, grads[k])
+            if not unscaled:
+                d = d / grad_scale
+            velocity[k] = _heavy_ball(v, d, params[k], hp.momentum, hp.weight_decay)
             updates[k] = velocity[k] * (-hp.lr)
         fb_state = state.fallback
         if fallback is not None:
@@ -291,7 +328,7 @@ def singd(
                 {k: grads[k] for k in others}, fb_state, {k: params[k] for k in others}
             )
             updates.update(fb_updates)
-        new_state = SINGDState(state.count + 1, factors, momenta, velocity, fb_state)
+        new_state = SINGDState(state.count + 1, factors, momenta, velocity, fb_state, products)
         return updates, new_state
 
     return GradientTransformation(init, update)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-import torch
 
 import singd_functional as sf
 from tests.models import make_batch, make_loss, make_model
@@ -106,3 +103,19 @@ def test_block_structure_on_small_layers_equals_dense():
     p_block, _ = run_core("mlp", 25, **{**BASE, "structures": ("block30diagonal", "block30diagonal")})
     p_dense, _ = run_core("mlp", 25, **{**BASE, "structures": ("dense", "dense")})
     assert_same(p_block, p_dense, 1e-12)
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "block3diagonal", "hierarchical3_2"])
+def test_cached_products_give_the_same_numbers(structure):
+    """cache_preconditioner keeps K K^T, C C^T between updates: same trajectory."""
+    cfg = {**BASE, "structures": (structure, "dense"), "T": 3}
+    p_cached, state = run_core("cnn", 12, cache_preconditioner=True, **cfg)
+    p_plain, plain_state = run_core("cnn", 12, **cfg)
+    assert_same(p_cached, p_plain, 1e-12)
+    assert plain_state.products == {}
+    for name, cached in state.products.items():
+        assert set(cached) == ({"K", "C"} if structure != "hierarchical3_2" else {"C"})
+        K = state.factors[name].K
+        if "K" in cached:
+            expected = K.to_dense() @ K.to_dense().T
+            assert (cached["K"].to_dense() - expected).abs().max() < 1e-12

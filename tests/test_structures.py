@@ -194,3 +194,17 @@ def test_no_dense_storage_for_sparse_structures(name):
     T = structures.get(name)
     for leaf in T.eye(d).leaves:
         assert leaf.numel() < d * d / 2
+
+
+@pytest.mark.parametrize(("name", "d"), CASES, ids=IDS)
+def test_outer_self_where_closed(name, d):
+    """K K^T stays in dense, diagonal and block-diagonal; others say it does not."""
+    T = structures.get(name)
+    K = random_member(T, d)
+    expected = name == "dense" or name == "diagonal" or name.startswith("block")
+    assert T.closed_under_outer == expected
+    if expected:
+        close(K.outer_self().to_dense(), K.to_dense() @ K.to_dense().T, 1e-12)
+    else:
+        with pytest.raises(TypeError):
+            K.outer_self()

@@ -34,6 +34,9 @@ class StructuredMatrix:
 
     name: ClassVar[str] = ""
     _fields: ClassVar[tuple[str, ...]] = ()
+    #: True when K K^T stays in the structure (then :meth:`outer_self` exists and the
+    #: optimizer may cache the products C C^T and K K^T between factor updates).
+    closed_under_outer: ClassVar[bool] = False
 
     def __init__(self, *leaves: Tensor):
         if len(leaves) != len(self._fields):
@@ -138,6 +141,10 @@ class StructuredMatrix:
     def gram(self) -> StructuredMatrix:
         """Pi(self^T self)."""
         raise NotImplementedError
+
+    def outer_self(self) -> StructuredMatrix:
+        """self @ self^T, exactly, for structures with ``closed_under_outer``."""
+        raise TypeError(f"{self.name}: K K^T is not in the structure")
 
     def add_diag(self, value: Scalar) -> StructuredMatrix:
         """self + value * I."""

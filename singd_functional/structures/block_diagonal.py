@@ -135,6 +135,9 @@ class BlockDiagonal(StructuredMatrix):
     def gram(self) -> BlockDiagonal:
         return type(self)(self.blocks.mT @ self.blocks, self.last.mT @ self.last)
 
+    def outer_self(self) -> BlockDiagonal:
+        return type(self)(self.blocks @ self.blocks.mT, self.last @ self.last.mT)
+
     def add_diag(self, value: Scalar) -> BlockDiagonal:
         eye_b = _eye_like(self.block_size, self.blocks)
         eye_r = _eye_like(self.last.shape[-1], self.last)
@@ -157,6 +160,7 @@ def _specialize(block_size: int) -> type[BlockDiagonal]:
             "name": f"block{block_size}diagonal",
             "block_size": block_size,
             "_fields": ("blocks", "last"),
+            "closed_under_outer": True,
             "__module__": __name__,
             "__qualname__": qualname,
             "__doc__": f"Block-diagonal with {block_size} x {block_size} blocks "

@@ -13,6 +13,7 @@ class Dense(StructuredMatrix):
 
     name = "dense"
     _fields = ("mat",)
+    closed_under_outer = True
     mat: Tensor
 
     @property
@@ -49,6 +50,9 @@ class Dense(StructuredMatrix):
 
     def gram(self) -> Dense:
         return Dense(self.mat.mT @ self.mat)
+
+    def outer_self(self) -> Dense:
+        return Dense(self.mat @ self.mat.mT)
 
     def add_diag(self, value: Scalar) -> Dense:
         eye = torch.eye(self.dim, dtype=self.mat.dtype, device=self.mat.device)

@@ -13,6 +13,7 @@ class Diagonal(StructuredMatrix):
 
     name = "diagonal"
     _fields = ("values",)
+    closed_under_outer = True
     values: Tensor
 
     @property
@@ -47,6 +48,9 @@ class Diagonal(StructuredMatrix):
         return Diagonal(self.values * other.values)
 
     def gram(self) -> Diagonal:
+        return Diagonal(self.values * self.values)
+
+    def outer_self(self) -> Diagonal:
         return Diagonal(self.values * self.values)
 
     def add_diag(self, value: Scalar) -> Diagonal:
