@@ -61,8 +61,9 @@ def adamw(
         t = state.count + 1
         mu = {k: state.mu[k] * b1 + g * (1 - b1) for k, g in grads.items()}
         nu = {k: state.nu[k] * b2 + g * g * (1 - b2) for k, g in grads.items()}
-        c1 = 1 - b1**t
-        c2 = 1 - b2**t
+        # float64 powers: `0.9 ** int64 tensor` would be float32
+        c1 = 1 - b1 ** t.double()
+        c2 = 1 - b2 ** t.double()
         updates = {
             k: -lr * (mu[k] / c1) / ((nu[k] / c2).sqrt() + eps) - lr * weight_decay * params[k]
             for k in grads

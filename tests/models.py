@@ -48,6 +48,17 @@ def make_model(kind: str, seed: int = 0) -> nn.Module:
             nn.Flatten(),
             nn.Linear(2 * 3 * 3, 3),
         )
+    elif kind == "cnn_sym":  # symmetric paddings only (the official package needs them)
+        m = nn.Sequential(
+            nn.Conv2d(3, 4, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, dilation=2, padding=2, groups=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 3 * 3, 3),
+        )
+    elif kind == "wide":  # layers wider than 30: hierarchical15_15 is not dense here
+        m = nn.Sequential(nn.Linear(36, 40), nn.Tanh(), nn.Linear(40, 3))
     elif kind == "seq":
         m = Seq()
     elif kind == "twice":
@@ -61,7 +72,9 @@ def make_batch(kind: str, step: int, n: int = 8):
     g = torch.Generator().manual_seed(1000 + step)
     if kind in ("mlp", "twice"):
         return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
-    if kind == "cnn":
+    if kind == "wide":
+        return torch.randn(n, 36, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    if kind in ("cnn", "cnn_sym"):
         return torch.randn(n, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
     return torch.randn(n, 7, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n, 7), generator=g)
 
