@@ -26,6 +26,7 @@ from .combine import (
 from .factors import Factors
 from .fallbacks import adamw, sgd
 from .layers import LayerInfo, find_layers
+from .optim import SINGD
 from .statistics import LayerStatistics
 from .transform import HyperParams, SINGDState, singd
 
@@ -40,6 +41,7 @@ __all__ = [
     "LayerStatistics",
     "Factors",
     "singd",
+    "SINGD",
     "HyperParams",
     "SINGDState",
     "GradientTransformation",

@@ -7,7 +7,6 @@ statistics.accumulate(...); pass `statistics=` and the summed gradients to updat
 from __future__ import annotations
 
 import pytest
-import torch
 
 import singd_functional as sf
 from singd_functional.statistics import accumulate, layer_statistics

@@ -1,0 +1,143 @@
+"""Data-parallel SINGD: the Kronecker statistics of all processes, in one collective.
+
+Gradients are not the optimizer's to reduce: ``DistributedDataParallel`` averages them
+(for an unwrapped model, the training loop does), so every process of W sees the
+gradient of
+
+    L_eff = (1/W) sum_w L_w          (L_w: the loss process w differentiated)
+
+on the concatenated batch. The statistics below are L_eff's, which makes W processes
+equal to one process that differentiates L_eff on the concatenated batch. Each process
+captured its own output gradients g_w = W * dL_eff/dz, so with G_hat = c sum g g^T
+(ALGORITHM.md) and A_hat a mean over a-rows:
+
+    H_K = sum_w R_w H_K_w / sum_w R_w          R_w: a-rows of process w
+    H_C = (c / W^2) sum_w H_C_w / c_w          c_w: loss terms of process w (statistics.
+                                               loss_scale), c = sum_w c_w, or 1 for
+                                               loss_average None
+
+With equal local batches and a mean loss ("batch", "batch+sequence", a count) H_C is
+the plain mean over processes; with a sum loss (None) it is sum_w H_C_w / W^2, the
+statistics of the sum loss divided by W that DDP's averaged gradient belongs to. (The
+official package sums both factors for None, which is bug 5 of ALGORITHM.md.)
+
+Everything every process contributes in a step travels in ONE flat buffer per device
+(one ``all_reduce``); the row and loss-term counts ride along, so nothing syncs per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .capture import LayerCapture
+from .layers import LayerInfo
+from .statistics import LayerStatistics, loss_scale
+
+WORLD = "world"  # sentinel: the default process group, when one is initialised
+
+
+class LocalStatistics(NamedTuple):
+    """One layer's statistics on this process, with the counts the reduction weighs by.
+
+    Attributes:
+        stats: accumulated :class:`LayerStatistics`, or None when this process has none
+            (the layer was not called, or got no gradient, here).
+        rows: R_w, the number of a-rows (summed over the micro-batches).
+        loss_terms: c_w, the loss-term count of ALGORITHM.md (summed over micro-batches).
+    """
+
+    stats: LayerStatistics | None
+    rows: float
+    loss_terms: float
+
+
+def counts(info: LayerInfo, capture: LayerCapture, kfac_approx: str, loss_average):
+    """(R, c): a-rows and loss terms of one backward pass, from the tensor shapes only.
+
+    N and S are those of ``statistics.layer_rows`` (batch size, weight-sharing positions
+    summed over the calls), read off the output gradients without building any row.
+    """
+    x = capture.inputs[0]
+    N = 1 if info.kind == "linear" and x.dim() == 1 else x.shape[0]
+    S = sum(g.numel() // (N * info.d_out) for g in capture.output_grads)
+    rows = N * S if kfac_approx == "expand" else N
+    return float(rows), loss_scale(loss_average, N, S)
+
+
+def resolve_group(process_group: Any):
+    """The process group to reduce over, or None when there is nothing to reduce."""
+    if process_group is None or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = dist.group.WORLD if isinstance(process_group, str) and process_group == WORLD \
+        else process_group
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _flat(stats: LayerStatistics) -> list[Tensor]:
+    return [*stats.H_K.leaves, *stats.H_C.leaves]
+
+
+def all_reduce_statistics(
+    entries: list[tuple[LayerStatistics, LocalStatistics, Any]], group
+) -> list[LayerStatistics | None]:
+    """Reduce every layer's statistics over ``group`` (module docstring), in one collective.
+
+    Args:
+        entries: per layer, in the same order on every process: a template (zeros of the
+            right structures, dtypes and devices, used when this process has no
+            statistics for the layer), its :class:`LocalStatistics`, and its
+            ``loss_average``.
+        group: a process group with more than one process.
+
+    Returns:
+        Per entry, the statistics of L_eff, or None when no process had any.
+    """
+    W = dist.get_world_size(group)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (template, _, _) in enumerate(entries):
+        by_device.setdefault(template.H_K.device, []).append(i)
+
+    out: list[LayerStatistics | None] = [None] * len(entries)
+    for device, idx in by_device.items():
+        parts, shapes, count_parts = [], [], []
+        wide = any(leaf.dtype == torch.float64 for i in idx for leaf in _flat(entries[i][0]))
+        buf_dtype = torch.float64 if wide else torch.float32
+        for i in idx:
+            template, local, _ = entries[i]
+            if local.stats is None:
+                contribution = [torch.zeros_like(t) for t in _flat(template)]
+                count_parts.append([0.0, 0.0])
+            else:
+                weighted = LayerStatistics(
+                    local.stats.H_K * local.rows, local.stats.H_C * (1.0 / local.loss_terms)
+                )
+                contribution = _flat(weighted)
+                count_parts.append([local.rows, float(local.loss_terms)])
+            shapes.append([(t.shape, t.dtype) for t in contribution])
+            parts += [t.reshape(-1).to(buf_dtype) for t in contribution]
+        parts.append(torch.tensor(count_parts, dtype=buf_dtype, device=device).reshape(-1))
+        buf = torch.cat(parts)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+
+        totals = buf[-2 * len(idx) :].reshape(-1, 2).tolist()  # the one host sync
+        offset = 0
+        for j, i in enumerate(idx):
+            template, _, loss_average = entries[i]
+            leaves = []
+            for shape, dtype in shapes[j]:
+                n = shape.numel()
+                leaves.append(buf[offset : offset + n].reshape(shape).to(dtype))
+                offset += n
+            rows, loss_terms = totals[j]
+            if rows == 0:
+                continue
+            n_K = len(template.H_K.leaves)
+            H_K = type(template.H_K)(*leaves[:n_K]) * (1.0 / rows)
+            c = 1.0 if loss_average is None else loss_terms
+            H_C = type(template.H_C)(*leaves[n_K:]) * (c / W**2)
+            out[i] = LayerStatistics(H_K, H_C)
+    return out

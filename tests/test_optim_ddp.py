@@ -1,0 +1,170 @@
+"""Two gloo processes on loopback equal one process on the concatenated batch (float64, 1e-10).
+
+Each process trains on its half of every batch, with the model wrapped in
+DistributedDataParallel or unwrapped (then the loop averages the gradients itself, as
+the optimizer never touches them). The reference is the same optimizer in this process
+on the whole batch, differentiating the loss DDP's averaged gradient belongs to: the
+mean loss, or for a sum loss (loss_average None) the sum divided by the world size.
+All processes are spawned once per pytest worker; every test reads its configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import singd_functional as sf
+from tests.models import make_batch, make_loss, make_model
+from tests.test_optim import BASE, assert_moved, assert_same
+
+WORLD, BATCH, STEPS = 2, 8, 4
+CONFIGS = {
+    "ddp-mlp-batch": dict(kind="mlp", wrap=True, loss_average="batch", hp=dict(BASE)),
+    "ddp-seq-batch+sequence-T2": dict(
+        kind="seq", wrap=True, loss_average="batch+sequence",
+        hp=dict(BASE, T=2, structures=("triltoeplitz", "hierarchical3_2"))),
+    "ddp-cnn-sum-ikfac-reduce": dict(
+        kind="cnn", wrap=True, loss_average=None,
+        hp=dict(BASE, lr=0.01, kfac_like=True, kfac_approx="reduce", structures=("dense", "diagonal"))),
+    "ddp-seq-accumulation-no_sync": dict(
+        kind="seq", wrap=True, loss_average="batch", micro=2,
+        hp=dict(BASE, structures=("block3diagonal", "triutoeplitz"))),
+    # unequal local batches: exact only with the row-weighted mean of H_K
+    "ddp-seq-sum-unequal-batches": dict(kind="seq", wrap=True, loss_average=None, split=(3, 5),
+                                        hp=dict(BASE, lr=0.01, structures=("dense", "triltoeplitz"))),
+    "unwrapped-mlp-batch": dict(kind="mlp", wrap=False, loss_average="batch",
+                                hp=dict(BASE, structures=("diagonal", "dense"))),
+    "unwrapped-cnn-sum": dict(kind="cnn", wrap=False, loss_average=None,
+                              hp=dict(BASE, lr=0.01, T=2)),
+    # opt.process_group = None: each process trains alone on its half, nothing is reduced
+    "independent-mlp": dict(kind="mlp", wrap=False, independent=True, loss_average="batch",
+                            hp=dict(BASE)),
+}
+
+
+def _loss_fn(loss_average, world):
+    base = make_loss(loss_average)
+    if loss_average is None:  # DDP averages the gradients of the per-process sums
+        return lambda out, y: base(out, y) / world
+    return base
+
+
+def _run_rank(rank: int, cfg: dict) -> dict:
+    kind, loss_average, micro = cfg["kind"], cfg["loss_average"], cfg.get("micro", 1)
+    model = make_model(kind)
+    net = DDP(model) if cfg["wrap"] else model
+    opt = sf.SINGD(net, loss_average=loss_average, **cfg["hp"])
+    if cfg.get("independent"):
+        opt.process_group = None
+    loss_fn = make_loss(loss_average)
+    real_all_reduce, calls = dist.all_reduce, []
+
+    def counting_all_reduce(*args, **kwargs):
+        calls.append(1)
+        return real_all_reduce(*args, **kwargs)
+
+    collectives = []
+    for t in range(STEPS):
+        x, y = make_batch(kind, t, BATCH)
+        split = cfg.get("split", (BATCH // WORLD,) * WORLD)
+        x, y = x.split(split)[rank], y.split(split)[rank]
+        opt.zero_grad()
+        for i, (xm, ym) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
+            last = i == micro - 1
+            with contextlib.nullcontext() if last or not cfg["wrap"] else net.no_sync():
+                loss = loss_fn(net(xm), ym)
+                (loss if loss_average is None else loss / micro).backward()
+        if not cfg["wrap"] and not cfg.get("independent"):
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= WORLD
+        calls.clear()
+        dist.all_reduce = counting_all_reduce
+        try:
+            opt.step()
+        finally:
+            dist.all_reduce = real_all_reduce
+        collectives.append(len(calls))
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return dict(params=params, collectives=collectives)
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results = {name: _run_rank(rank, cfg) for name, cfg in CONFIGS.items()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@functools.cache
+def _results():
+    # torch.multiprocessing's spawn machinery with "fork" where there is one: the children
+    # inherit the imports (torch.optim imports torch._dynamo lazily, seconds per process,
+    # so it is imported here once, before forking) instead of paying them again
+    importlib.import_module("torch._dynamo")
+    start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True,
+                           start_method=start_method)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+def _single_process(cfg: dict, rank: int | None = None) -> dict:
+    """One process on the whole batch (or, given ``rank``, on that process's part only)."""
+    kind, loss_average = cfg["kind"], cfg["loss_average"]
+    model = make_model(kind)
+    opt = sf.SINGD(model, loss_average=loss_average, **cfg["hp"])
+    loss_fn = _loss_fn(loss_average, WORLD) if rank is None else make_loss(loss_average)
+    for t in range(STEPS):
+        x, y = make_batch(kind, t, BATCH)
+        if rank is not None:
+            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", [n for n, c in CONFIGS.items() if not c.get("independent")])
+def test_two_processes_equal_one_process(name):
+    cfg = CONFIGS[name]
+    ranks = [r[name] for r in _results()]
+    ref = _single_process(cfg)
+    assert_same(ranks[0]["params"], ref)
+    assert_moved(cfg["kind"], ranks[0]["params"])
+    for k, p in ranks[1]["params"].items():
+        assert torch.equal(p, ranks[0]["params"][k]), f"{k}: the processes diverged"
+
+
+@pytest.mark.parametrize("name", ["ddp-mlp-batch", "ddp-seq-batch+sequence-T2", "unwrapped-cnn-sum"])
+def test_statistics_travel_in_one_collective_per_step(name):
+    T = CONFIGS[name]["hp"]["T"]
+    for r in _results():
+        assert r[name]["collectives"] == [int(t % T == 0) for t in range(STEPS)]
+
+
+def test_process_group_none_trains_each_process_alone():
+    cfg = CONFIGS["independent-mlp"]
+    for rank, r in enumerate(_results()):
+        assert r["independent-mlp"]["collectives"] == [0] * STEPS
+        assert_same(r["independent-mlp"]["params"], _single_process(cfg, rank))
