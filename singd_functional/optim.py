@@ -33,6 +33,7 @@ from .capture import LayerCapture
 from .combine import GradientTransformation
 from .factors import Factors
 from .layers import SUPPORTED, LayerInfo, describe
+from .precondition import outer_products
 from .statistics import LayerStatistics, accumulate, layer_statistics
 from .transform import HyperParams, SINGDState, singd
 
@@ -40,7 +41,7 @@ from .transform import HyperParams, SINGDState, singd
 _LOCKED = ("structures", "kfac_like")
 # Group entries the pure transform is built from (rebuilt when one changes).
 _STATIC = ("structures", "kfac_approx", "loss_average", "kfac_like", "normalize_lr_cov",
-           "preconditioner_dtype")
+           "preconditioner_dtype", "T")
 
 
 class _Part(NamedTuple):
@@ -208,6 +209,9 @@ class SINGD(torch.optim.Optimizer):
         self._layer_info: dict[str, LayerInfo] = {}
         self._layer_module: dict[str, nn.Module] = {}
         self._hooks: list = []
+        # K K^T and C C^T per layer between factor updates (T > 1); derived from K and C,
+        # so not checkpointed (recomputed, bit-identically, after a load)
+        self._products: dict[str, dict[str, Any]] = {}
         weakref.finalize(self, _remove_hooks, self._hooks)  # no hooks outlive the optimizer
         self._reached: dict[str, list[tuple[Tensor, Tensor]]] = {}  # (x, dL/dz) per call
         self._parts: dict[str, list[_Part]] = {}
@@ -311,6 +315,7 @@ class SINGD(torch.optim.Optimizer):
             loss_average=group["loss_average"], kfac_like=group["kfac_like"],
             normalize_lr_cov=group["normalize_lr_cov"],
             preconditioner_dtype=group["preconditioner_dtype"],
+            cache_preconditioner=group["T"] > 1,
         )
 
     @staticmethod
@@ -523,12 +528,14 @@ class SINGD(torch.optim.Optimizer):
                  for k in keys}
         params = {k: grp.params[k].detach() for k in keys}
         layer_state = {l.name: self.state[grp.params[l.weight]] for l in active}
+        factors = {n: Factors(s["K"], s["C"]) for n, s in layer_state.items()}
         state = SINGDState(
             count=torch.tensor(group["step"]),
-            factors={n: Factors(s["K"], s["C"]) for n, s in layer_state.items()},
+            factors=factors,
             momenta={n: Factors(s["m_K"], s["m_C"]) for n, s in layer_state.items() if "m_K" in s},
             velocity={k: self.state[grp.params[k]]["momentum_buffer"] for k in keys},
             fallback=(),
+            products=self._cached_products(factors) if group["T"] > 1 else {},
         )
         statistics = {n: s for n, s in statistics.items() if n in layer_state}
         updates, new = self._group_transform(grp, group, active).update(
@@ -545,7 +552,20 @@ class SINGD(torch.optim.Optimizer):
             self.state[p]["momentum_buffer"] = new.velocity[k]
         for name, st in layer_state.items():
             self._store_factors(st, new.factors[name], new.momenta.get(name))
+        self._products.update(new.products)
         group["step"] += 1
+
+    def _cached_products(self, factors: dict[str, Factors]) -> dict[str, dict[str, Any]]:
+        """K K^T and C C^T of each layer, recomputed where missing or out of date."""
+        out = {}
+        for name, (K, C) in factors.items():
+            cached = self._products.get(name)
+            fresh = cached is not None and all(
+                cached[k].dtype == M.dtype and cached[k].device == M.device
+                for k, M in (("K", K), ("C", C)) if k in cached
+            )
+            out[name] = cached if fresh else outer_products(K, C)
+        return out
 
     def _group_transform(self, grp: _Group, group: dict, active: tuple[LayerInfo, ...]):
         key = (tuple(l.name for l in active), tuple(repr(group[e]) for e in _STATIC))
@@ -637,6 +657,7 @@ class SINGD(torch.optim.Optimizer):
             grp.keeps_momenta = all("m_K" in state[grp.params[l.weight]] for l in grp.layers) \
                 and bool(grp.layers)
             grp.transforms.clear()
+        self._products = {}
         self.__setstate__({"state": state, "param_groups": groups})
         self._statistics_scale = float(
             state_dict.get("singd", {}).get("statistics_scale", self.init_grad_scale)
