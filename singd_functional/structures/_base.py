@@ -155,6 +155,26 @@ class StructuredMatrix:
         raise NotImplementedError
 
     # ---------------------------------------------------------- derived, generic
+    # The products below have generic definitions in terms of the abstract ones;
+    # structures override them where a direct form is cheaper. The ``*_right`` forms
+    # act on the rows of X ([..., n, d], usually contiguous), so ``G K K^T`` needs no
+    # transposed copies: ``K.outer_matmat_right(G)``.
+    def matmat_right(self, X: Tensor) -> Tensor:
+        """X @ self for X of shape [n, d]."""
+        return self.rmatmat(X.mT).mT
+
+    def rmatmat_right(self, X: Tensor) -> Tensor:
+        """X @ self^T for X of shape [n, d]."""
+        return self.matmat(X.mT).mT
+
+    def outer_matmat(self, X: Tensor) -> Tensor:
+        """self @ self^T @ X for X of shape [d, n] (the left half of C C^T G K K^T)."""
+        return self.matmat(self.rmatmat(X))
+
+    def outer_matmat_right(self, X: Tensor) -> Tensor:
+        """X @ self @ self^T for X of shape [n, d] (the right half of C C^T G K K^T)."""
+        return self.rmatmat_right(self.matmat_right(X))
+
     def project_inner(self, X: Tensor) -> StructuredMatrix:
         """Pi(self^T X X^T self) for X of shape [d, R]; self need not be symmetric."""
         return type(self).project_outer(self.rmatmat(X))
@@ -165,10 +185,13 @@ class StructuredMatrix:
 
     def max_abs(self) -> Tensor:
         """The largest absolute entry, a 0-d tensor (0 for an empty matrix)."""
-        parts = [leaf.abs().amax() for leaf in self.leaves if leaf.numel() > 0]
+        parts = [_abs_max(leaf) for leaf in self.leaves if leaf.numel() > 0]
         if not parts:
             return self.leaves[0].new_zeros(())
-        return torch.stack(parts).amax()
+        out = parts[0]
+        for p in parts[1:]:
+            out = torch.maximum(out, p)
+        return out
 
     def _check_same(self, other: Any) -> None:
         if type(other) is not type(self):
@@ -211,3 +234,16 @@ def _eye_like(n: int, like: Tensor) -> Tensor:
 
 def _resolve(dtype: torch.dtype | None) -> torch.dtype:
     return torch.get_default_dtype() if dtype is None else dtype
+
+
+def _abs_max(t: Tensor) -> Tensor:
+    """max |t| over all entries (t non-empty) in one pass with no |t| temporary."""
+    lo, hi = torch.aminmax(t)
+    return torch.maximum(-lo, hi)
+
+
+def _add_diag(mat: Tensor, value: Scalar) -> Tensor:
+    """mat + value * I for square matrices [..., k, k], without building I: one copy
+    of ``mat`` with the new diagonal written in (out of place, vmap- and compile-safe)."""
+    diag = torch.diagonal(mat, dim1=-2, dim2=-1) + value
+    return torch.diagonal_scatter(mat, diag.to(mat.dtype), dim1=-2, dim2=-1)

@@ -71,6 +71,17 @@ class _Arrowhead(StructuredMatrix):
         # rows `rest` gain r X[p]
         return cls._join(aX_p, aX_rest + r.unsqueeze(-1) * X_p, -2)
 
+    @classmethod
+    def _apply_right(cls, a: Tensor, r: Tensor, X: Tensor, row: bool) -> Tensor:
+        """X (D + e_p r^T) if ``row`` else X (D + r e_p^T), for X [..., n, d] (rows)."""
+        Xa = X * a.unsqueeze(-2)
+        Xa_p, Xa_rest = cls._split(Xa, -1)
+        X_p, X_rest = cls._split(X, -1)
+        if row:  # columns `rest` gain X[:, p] r^T
+            return cls._join(Xa_p, Xa_rest + X_p * r.unsqueeze(-2), -1)
+        # column p gains X[:, rest] r
+        return cls._join(Xa_p + X_rest @ r.unsqueeze(-1), Xa_rest, -1)
+
     # ------------------------------------------------------------ construction
     @classmethod
     def eye(cls, dim, dtype=None, device=None):
@@ -98,7 +109,7 @@ class _Arrowhead(StructuredMatrix):
     @classmethod
     def project_outer(cls, Y: Tensor):
         Y_p, Y_rest = cls._split(Y, -2)
-        diag = (Y * Y).sum(-1)
+        diag = torch.linalg.vecdot(Y, Y)  # row sums of squares, no Y * Y temporary
         vec = 2 * (Y_rest @ Y_p.mT).squeeze(-1)
         return cls(diag, vec)
 
@@ -117,6 +128,12 @@ class _Arrowhead(StructuredMatrix):
 
     def rmatmat(self, X: Tensor) -> Tensor:
         return self._apply(self.diag, self.vec, X, row=not self.row)
+
+    def matmat_right(self, X: Tensor) -> Tensor:
+        return self._apply_right(self.diag, self.vec, X, row=self.row)
+
+    def rmatmat_right(self, X: Tensor) -> Tensor:
+        return self._apply_right(self.diag, self.vec, X, row=not self.row)
 
     def matmul(self, other: _Arrowhead) -> _Arrowhead:
         a1, r1, a2, r2 = self.diag, self.vec, other.diag, other.vec

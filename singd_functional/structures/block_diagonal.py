@@ -6,7 +6,11 @@ builds (once, cached) the concrete pytree type for one B. Pi keeps the diagonal 
 Every operation works block by block with one batched matmul over the ``nb`` full blocks
 and one plain matmul for the trailing block; nothing d x d is formed except in
 :meth:`to_dense` / :meth:`from_dense`. Blocks are general (not symmetric) matrices, so
-``rmatmat`` and ``gram`` use each block's transpose.
+``rmatmat`` and ``gram`` use each block's transpose. The row forms ``X K`` / ``X K^T``
+are the transposed column forms on X^T (a view): the batched matmul reads the
+transposed blocks of X in place and writes X K in column-major order, which measured
+faster than a row-major result (a permuted copy) or a Python loop over the blocks.
+``K K^T X`` forms the blocks of K K^T first when that is cheaper (B <= n).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ._base import Scalar, StructuredMatrix, _eye_like, _resolve
+from ._base import Scalar, StructuredMatrix, _add_diag, _eye_like, _resolve
 
 
 class BlockDiagonal(StructuredMatrix):
@@ -65,7 +69,11 @@ class BlockDiagonal(StructuredMatrix):
         Xm = Xm.reshape(*Xm.shape[:-2], nb, B, Xm.shape[-1])
         top = fn_blocks(self.blocks, Xm)
         top = top.reshape(*top.shape[:-3], m, top.shape[-1])
+        if self.last.shape[-1] == 0:  # no trailing block: no concatenation (a copy)
+            return top
         bottom = fn_last(self.last, X[..., m:, :])
+        if nb == 0:
+            return bottom
         batch = torch.broadcast_shapes(top.shape[:-2], bottom.shape[:-2])
         top = top.expand(*batch, *top.shape[-2:])
         bottom = bottom.expand(*batch, *bottom.shape[-2:])
@@ -129,6 +137,27 @@ class BlockDiagonal(StructuredMatrix):
     def rmatmat(self, X: Tensor) -> Tensor:
         return self._apply(X, lambda K, Z: K.mT @ Z, lambda K, Z: K.mT @ Z)
 
+    def outer_matmat(self, X: Tensor) -> Tensor:
+        # K K^T X: forming the blocks of K K^T (nb B^3) beats a second product with X
+        # (d B n) unless the blocks are wider than X
+        if self.block_size <= X.shape[-1]:
+            return self.outer_self().matmat(X)
+        return self.matmat(self.rmatmat(X))
+
+    def outer_matmat_right(self, X: Tensor) -> Tensor:
+        if self.block_size <= X.shape[-2]:
+            return self.outer_self().matmat_right(X)  # K K^T is symmetric
+        return self.rmatmat_right(self.matmat_right(X))
+
+    def project_inner(self, X: Tensor) -> BlockDiagonal:
+        # Pi(K^T X X^T K) keeps the blocks (K_b^T X_b)(K_b^T X_b)^T: no concatenated K^T X
+        nb, B = self._nb, self.block_size
+        m = nb * B
+        Xm = X[..., :m, :]
+        Ym = self.blocks.mT @ Xm.reshape(*Xm.shape[:-2], nb, B, Xm.shape[-1])
+        Yl = self.last.mT @ X[..., m:, :]
+        return type(self)(Ym @ Ym.mT, Yl @ Yl.mT)
+
     def matmul(self, other: BlockDiagonal) -> BlockDiagonal:
         return type(self)(self.blocks @ other.blocks, self.last @ other.last)
 
@@ -139,9 +168,7 @@ class BlockDiagonal(StructuredMatrix):
         return type(self)(self.blocks @ self.blocks.mT, self.last @ self.last.mT)
 
     def add_diag(self, value: Scalar) -> BlockDiagonal:
-        eye_b = _eye_like(self.block_size, self.blocks)
-        eye_r = _eye_like(self.last.shape[-1], self.last)
-        return type(self)(self.blocks + value * eye_b, self.last + value * eye_r)
+        return type(self)(_add_diag(self.blocks, value), _add_diag(self.last, value))
 
     def trace(self) -> Tensor:
         main = torch.diagonal(self.blocks, dim1=-2, dim2=-1).sum((-2, -1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import Scalar, StructuredMatrix, _resolve
+from ._base import Scalar, StructuredMatrix, _add_diag, _resolve
 
 
 class Dense(StructuredMatrix):
@@ -45,6 +45,9 @@ class Dense(StructuredMatrix):
     def rmatmat(self, X: Tensor) -> Tensor:
         return self.mat.mT @ X
 
+    # matmat_right / rmatmat_right: the generic (K^T X^T)^T, one GEMM that writes X K in
+    # column-major order; measured up to 1.3x faster than `X @ mat` at [512, 785] x 785.
+
     def matmul(self, other: Dense) -> Dense:
         return Dense(self.mat @ other.mat)
 
@@ -55,8 +58,7 @@ class Dense(StructuredMatrix):
         return Dense(self.mat @ self.mat.mT)
 
     def add_diag(self, value: Scalar) -> Dense:
-        eye = torch.eye(self.dim, dtype=self.mat.dtype, device=self.mat.device)
-        return Dense(self.mat + value * eye)
+        return Dense(_add_diag(self.mat, value))
 
     def trace(self) -> Tensor:
         return torch.diagonal(self.mat, dim1=-2, dim2=-1).sum(-1)

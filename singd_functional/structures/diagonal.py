@@ -34,7 +34,7 @@ class Diagonal(StructuredMatrix):
 
     @classmethod
     def project_outer(cls, Y: Tensor):
-        return cls((Y * Y).sum(-1))
+        return cls(torch.linalg.vecdot(Y, Y))  # row sums of squares, no Y * Y temporary
 
     def to_dense(self) -> Tensor:
         return torch.diag_embed(self.values)
@@ -43,6 +43,21 @@ class Diagonal(StructuredMatrix):
         return self.values.unsqueeze(-1) * X
 
     rmatmat = matmat
+
+    def matmat_right(self, X: Tensor) -> Tensor:
+        return X * self.values.unsqueeze(-2)
+
+    rmatmat_right = matmat_right
+
+    def outer_matmat(self, X: Tensor) -> Tensor:
+        return (self.values * self.values).unsqueeze(-1) * X
+
+    def outer_matmat_right(self, X: Tensor) -> Tensor:
+        return X * (self.values * self.values).unsqueeze(-2)
+
+    def project_inner(self, X: Tensor) -> Diagonal:
+        # Pi(D X X^T D) = values^2 * rowsumsq(X): no scaled copy of X
+        return Diagonal(self.values * self.values * torch.linalg.vecdot(X, X))
 
     def matmul(self, other: Diagonal) -> Diagonal:
         return Diagonal(self.values * other.values)

@@ -17,6 +17,11 @@ dense form, written per block so nothing d x d is formed):
 * Pi(K^T K): A^T A,  2 A^T B,  colsumsq(B1) + c^2 + colsumsq(D),  2 (B2^T B1 + E^T D),
   B2^T B2 + E^T E
 * Pi(Y Y^T): Y1 Y1^T,  2 Y1 [Y2; Y3]^T,  rowsumsq(Y2),  2 Y3 Y2^T,  Y3 Y3^T
+
+For speed the products with X go through the k1 + k2 dense ("hub") rows of K,
+W = [[A, B1, B2], [0, D, E]] ([k1 + k2, d]): each is one thin matmul with W over the
+whole of d plus one elementwise pass with c (see :meth:`Hierarchical.matmat`), and the
+two-sided K K^T X of the natural gradient never forms K^T X (:meth:`outer_matmat`).
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ import functools
 import torch
 from torch import Tensor
 
-from ._base import Scalar, StructuredMatrix, _eye_like, _resolve
+from ._base import Scalar, StructuredMatrix, _add_diag, _resolve
 
 
 def _cat_broadcast(parts: list[Tensor], dim: int) -> Tensor:
     """torch.cat after broadcasting the leading (batch) dims of ``parts``."""
     batch = torch.broadcast_shapes(*(p.shape[:-2] for p in parts))
+    if all(p.shape[:-2] == batch for p in parts):  # the usual case: no expand calls
+        return torch.cat(parts, dim=dim)
     return torch.cat([p.expand(*batch, *p.shape[-2:]) for p in parts], dim=dim)
 
 
@@ -119,13 +126,15 @@ class Hierarchical(StructuredMatrix):
     def project_outer(cls, Y: Tensor):
         k1, n, _ = cls._split(Y.shape[-2])
         s = k1 + n
-        Y1, Y2, Y3 = Y[..., :k1, :], Y[..., k1:s, :], Y[..., s:, :]
+        Y2 = Y[..., k1:s, :]
+        # the k1 + k2 dense rows of Y Y^T in one matmul: P = [Y1; Y3] Y^T ([k1 + k2, d])
+        P = torch.cat([Y[..., :k1, :], Y[..., s:, :]], dim=-2) @ Y.mT
         return cls(
-            Y1 @ Y1.mT,
-            2 * (Y1 @ Y[..., k1:, :].mT),
-            (Y2 * Y2).sum(-1),
-            2 * (Y3 @ Y2.mT),
-            Y3 @ Y3.mT,
+            P[..., :k1, :k1],
+            2 * P[..., :k1, k1:],
+            torch.linalg.vecdot(Y2, Y2),
+            2 * P[..., k1:, k1:s],
+            P[..., k1:, s:],
         )
 
     # ------------------------------------------------------------------ algebra
@@ -141,26 +150,73 @@ class Hierarchical(StructuredMatrix):
         bottom = _cat_broadcast([D.new_zeros(k2, k1), D, E], dim=-1)
         return _cat_broadcast([top, mid, bottom], dim=-2)
 
+    # The k1 + k2 dense rows of K form W = [[A, B1, B2], [0, D, E]] ([k1 + k2, d]), the
+    # rest is diag(c). Every product with X is then ONE matmul with W (a thin GEMM over
+    # all of d) plus one elementwise pass, instead of five small products and slices.
+    def _W(self) -> Tensor:
+        A, B, _, D, E = self.leaves
+        top = _cat_broadcast([A, B], dim=-1)
+        bottom = _cat_broadcast([D.new_zeros(E.shape[-1], A.shape[-1]), D, E], dim=-1)
+        return _cat_broadcast([top, bottom], dim=-2)
+
+    def _c_full(self) -> Tensor:
+        """(0 (k1), c, 0 (k2)): the diagonal part of K as a length-d vector."""
+        k1, _, k2 = self._sizes
+        return torch.nn.functional.pad(self.c, (k1, k2))
+
     def matmat(self, X: Tensor) -> Tensor:
-        A, B, c, D, E = self.leaves
+        # K X = [W_top X,  c * X2,  W_bottom X]
         k1, n, _ = self._sizes
-        s = k1 + n
-        X1, X2, X3 = X[..., :k1, :], X[..., k1:s, :], X[..., s:, :]
-        top = A @ X1 + B @ X[..., k1:, :]
-        mid = c.unsqueeze(-1) * X2
-        bottom = D @ X2 + E @ X3
-        return _cat_broadcast([top, mid, bottom], dim=-2)
+        P = self._W() @ X
+        mid = self.c.unsqueeze(-1) * X[..., k1 : k1 + n, :]
+        return _cat_broadcast([P[..., :k1, :], mid, P[..., k1:, :]], dim=-2)
 
     def rmatmat(self, X: Tensor) -> Tensor:
-        A, B, c, D, E = self.leaves
+        # K^T X = W^T [X1; X3] + (0, c, 0) * X
         k1, n, _ = self._sizes
-        s = k1 + n
-        X1, X2, X3 = X[..., :k1, :], X[..., k1:s, :], X[..., s:, :]
-        BtX1 = B.mT @ X1  # [B1^T X1; B2^T X1]
-        top = A.mT @ X1
-        mid = BtX1[..., :n, :] + c.unsqueeze(-1) * X2 + D.mT @ X3
-        bottom = BtX1[..., n:, :] + E.mT @ X3
-        return _cat_broadcast([top, mid, bottom], dim=-2)
+        X13 = torch.cat([X[..., :k1, :], X[..., k1 + n :, :]], dim=-2)
+        return self._W().mT @ X13 + self._c_full().unsqueeze(-1) * X
+
+    def matmat_right(self, X: Tensor) -> Tensor:
+        # X K = [X1, X3] W + X * (0, c, 0)
+        k1, n, _ = self._sizes
+        X13 = torch.cat([X[..., :k1], X[..., k1 + n :]], dim=-1)
+        return X13 @ self._W() + X * self._c_full().unsqueeze(-2)
+
+    def rmatmat_right(self, X: Tensor) -> Tensor:
+        # X K^T = [X W_top^T,  X2 * c,  X W_bottom^T]
+        k1, n, _ = self._sizes
+        P = X @ self._W().mT
+        mid = X[..., k1 : k1 + n] * self.c.unsqueeze(-2)
+        return _cat_broadcast([P[..., :k1], mid, P[..., k1:]], dim=-1)
+
+    # K K^T with K = diag(0, c, 0) + S^T W (S picks the k1 + k2 hub rows): the hub rows
+    # of K K^T X are W (c X2) + (W W^T) X_hub = Wc X2 + (W W^T) X_hub with Wc = W[:, mid] c,
+    # the middle rows c^2 X2 + Wc^T X_hub. Two thin GEMMs over d and two elementwise
+    # passes, and K^T X is never formed.
+    def _outer_parts(self) -> tuple[Tensor, Tensor, Tensor]:
+        k1, n, _ = self._sizes
+        W = self._W()
+        Wc = W[..., k1 : k1 + n] * self.c.unsqueeze(-2)
+        return W @ W.mT, Wc, self.c * self.c
+
+    def outer_matmat(self, X: Tensor) -> Tensor:
+        k1, n, _ = self._sizes
+        WWt, Wc, c2 = self._outer_parts()
+        X2 = X[..., k1 : k1 + n, :]
+        Xh = torch.cat([X[..., :k1, :], X[..., k1 + n :, :]], dim=-2)
+        hub = Wc @ X2 + WWt @ Xh
+        mid = torch.addcmul(Wc.mT @ Xh, c2.unsqueeze(-1), X2)
+        return _cat_broadcast([hub[..., :k1, :], mid, hub[..., k1:, :]], dim=-2)
+
+    def outer_matmat_right(self, X: Tensor) -> Tensor:
+        k1, n, _ = self._sizes
+        WWt, Wc, c2 = self._outer_parts()
+        X2 = X[..., k1 : k1 + n]
+        Xh = torch.cat([X[..., :k1], X[..., k1 + n :]], dim=-1)
+        hub = X2 @ Wc.mT + Xh @ WWt  # W W^T is symmetric
+        mid = torch.addcmul(Xh @ Wc, X2, c2.unsqueeze(-2))
+        return _cat_broadcast([hub[..., :k1], mid, hub[..., k1:]], dim=-1)
 
     def matmul(self, other: Hierarchical) -> Hierarchical:
         A, B, c, D, E = self.leaves
@@ -181,20 +237,14 @@ class Hierarchical(StructuredMatrix):
         return type(self)(
             A.mT @ A,
             2 * (A.mT @ B),
-            (B1 * B1).sum(-2) + c * c + (D * D).sum(-2),
+            torch.linalg.vecdot(B1, B1, dim=-2) + c * c + torch.linalg.vecdot(D, D, dim=-2),
             2 * (B2.mT @ B1 + E.mT @ D),
             B2.mT @ B2 + E.mT @ E,
         )
 
     def add_diag(self, value: Scalar) -> Hierarchical:
         A, B, c, D, E = self.leaves
-        return type(self)(
-            A + value * _eye_like(A.shape[-1], A),
-            B,
-            c + value,
-            D,
-            E + value * _eye_like(E.shape[-1], E),
-        )
+        return type(self)(_add_diag(A, value), B, c + value, D, _add_diag(E, value))
 
     def trace(self) -> Tensor:
         tr_a = torch.diagonal(self.A, dim1=-2, dim2=-1).sum(-1)
