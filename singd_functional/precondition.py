@@ -38,10 +38,11 @@ def natural_gradient(
     cached = cached or {}
     dtype = G.dtype
     G = G.to(C.dtype)
-    left = cached["C"].matmat(G) if "C" in cached else C.matmat(C.rmatmat(G))  # C C^T G
-    left = left.mT.to(K.dtype)
-    right = cached["K"].matmat(left) if "K" in cached else K.matmat(K.rmatmat(left))
-    return right.mT.to(dtype)  # (K K^T (C C^T G)^T)^T
+    left = cached["C"].matmat(G) if "C" in cached else C.outer_matmat(G)  # C C^T G
+    left = left.to(K.dtype)
+    # K K^T is symmetric: (C C^T G) K K^T is a row-form product, no transposed copies
+    D = cached["K"].matmat_right(left) if "K" in cached else K.outer_matmat_right(left)
+    return D.to(dtype)
 
 
 def outer_products(K: StructuredMatrix, C: StructuredMatrix) -> dict[str, StructuredMatrix]:
