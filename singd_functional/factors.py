@@ -31,16 +31,18 @@ def factor_directions(
     factors: Factors, stats: LayerStatistics, damping, *, kfac_like: bool, rho
 ) -> Factors:
     """The Riemannian directions (D_K, D_C) before momentum."""
+    # `.scale(s)` rather than `* s`: dynamo cannot trace `structured * tensor`
     K, C = factors
     H_K, H_C = stats
     KtK, CtC = K.gram(), C.gram()
     if kfac_like:
-        D_K = (H_K + KtK * damping).add_diag(-1.0)
-        D_C = (H_C + CtC * damping).add_diag(-1.0)
+        D_K = (H_K + KtK.scale(damping)).add_diag(-1.0)
+        D_C = (H_C + CtC.scale(damping)).add_diag(-1.0)
     else:
-        D_K = (H_K * H_C.average_trace() + KtK * (damping * CtC.average_trace())).add_diag(-1.0)
-        D_C = (H_C * H_K.average_trace() + CtC * (damping * KtK.average_trace())).add_diag(-1.0)
-    return Factors(D_K * rho, D_C * rho)
+        D_K = H_K.scale(H_C.average_trace()) + KtK.scale(damping * CtC.average_trace())
+        D_C = H_C.scale(H_K.average_trace()) + CtC.scale(damping * KtK.average_trace())
+        D_K, D_C = D_K.add_diag(-1.0), D_C.add_diag(-1.0)
+    return Factors(D_K.scale(rho), D_C.scale(rho))
 
 
 def update_factors(
@@ -64,11 +66,11 @@ def update_factors(
     if momenta is None:
         m = D
     else:
-        m = Factors(momenta.K * alpha1 + D.K, momenta.C * alpha1 + D.C)
+        m = Factors(momenta.K.scale(alpha1) + D.K, momenta.C.scale(alpha1) + D.C)
     beta_K = beta_C = lr_cov
     if normalize_lr_cov:
         beta_K = lr_cov / torch.clamp(m.K.max_abs(), min=1.0)
         beta_C = lr_cov / torch.clamp(m.C.max_abs(), min=1.0)
     K, C = factors
-    new = Factors(K - K.matmul(m.K) * beta_K, C - C.matmul(m.C) * beta_C)
+    new = Factors(K - K.matmul(m.K).scale(beta_K), C - C.matmul(m.C).scale(beta_C))
     return new, (None if momenta is None else m)

@@ -120,8 +120,8 @@ def layer_statistics(
     a, g, N, S = layer_rows(info, capture, kfac_approx)
     a = a.to(K.dtype)
     g = g.to(C.dtype)
-    H_K = K.project_inner(a.mT) * (1.0 / a.shape[0])
-    H_C = C.project_inner(g.mT) * (loss_scale(loss_average, N, S) / grad_scale**2)
+    H_K = K.project_inner(a.mT).scale(1.0 / a.shape[0])
+    H_C = C.project_inner(g.mT).scale(loss_scale(loss_average, N, S) / grad_scale**2)
     return LayerStatistics(H_K, H_C)
 
 
@@ -138,4 +138,4 @@ def accumulate(parts: list[LayerStatistics], loss_average) -> LayerStatistics:
     H_K, H_C = parts[0]
     for p in parts[1:]:
         H_K, H_C = H_K + p.H_K, H_C + p.H_C
-    return LayerStatistics(H_K * (1.0 / k), H_C * (1.0 if loss_average is None else float(k)))
+    return LayerStatistics(H_K.scale(1.0 / k), H_C.scale(1.0 if loss_average is None else float(k)))

@@ -158,10 +158,10 @@ def test_hot_path_compiles_without_graph_breaks(name):
 
     def step(K, X, G):
         H = K.project_inner(X)
-        # `M.__mul__(t)` for `M * t`: dynamo cannot trace `structured * tensor` (see
+        # `M.scale(t)` for `M * t`: dynamo cannot trace `structured * tensor` (see
         # singd_functional/factors.py)
-        M = (K.matmul(K) * 0.5 + H.add_diag(1.0) - K.gram()).__mul__(K.average_trace())
-        M = M.__mul__(1.0 / torch.clamp(M.max_abs(), min=1.0))
+        M = (K.matmul(K) * 0.5 + H.add_diag(1.0) - K.gram()).scale(K.average_trace())
+        M = M.scale(1.0 / torch.clamp(M.max_abs(), min=1.0))
         return M.leaves, K.outer_matmat(X), K.outer_matmat_right(G), K.matmat_right(G)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

@@ -208,10 +208,18 @@ class StructuredMatrix:
         self._check_same(other)
         return type(self)(*(a - b for a, b in zip(self.leaves, other.leaves)))
 
+    def scale(self, scalar: Scalar) -> StructuredMatrix:
+        """scalar * self, for a float or a 0-d tensor.
+
+        Prefer it to ``self * t`` for a tensor ``t`` in code meant for torch.compile:
+        dynamo sends ``structured * tensor`` down its tensor path and cannot trace it.
+        """
+        return self.map(lambda t: t * scalar)
+
     def __mul__(self, scalar: Scalar) -> StructuredMatrix:
         if isinstance(scalar, StructuredMatrix):
             raise TypeError("use `@` (matmul) for products of structured matrices")
-        return self.map(lambda t: t * scalar)
+        return self.scale(scalar)
 
     __rmul__ = __mul__
 
