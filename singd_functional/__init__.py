@@ -28,6 +28,7 @@ from .fallbacks import adamw, sgd
 from .layers import LayerInfo, find_layers
 from .optim import SINGD
 from .statistics import LayerStatistics
+from .sweep import Step, Sweep, SweepState, grid, make_step, make_sweep
 from .transform import HyperParams, SINGDState, singd
 
 __version__ = "0.1.0"
@@ -52,4 +53,10 @@ __all__ = [
     "scale_by_schedule",
     "sgd",
     "adamw",
+    "make_step",
+    "Step",
+    "make_sweep",
+    "grid",
+    "Sweep",
+    "SweepState",
 ]
