@@ -1,0 +1,124 @@
+"""Peak resident-memory growth per step, measured in a child process.
+
+``python -m benchmarks.memory '<json list of [kind, model, structure, method]>'`` prints
+one JSON list. The parent (``benchmarks.run``) starts it with glibc's mmap threshold
+fixed low (``MALLOC_MMAP_THRESHOLD_``), so that every tensor larger than 64 KiB is its
+own mapping and is returned to the OS when freed: the resident set size then follows
+the live tensors, and its peak during a step is the step's working memory. The child
+runs each contender with T = 2 (step 0: statistics update, untimed warm-up; step 1:
+plain step; step 2: update step) while a thread samples the RSS every ~0.2 ms.
+
+Doing this in the timing process would slow every allocation there (one mmap each),
+hence the separate process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+MMAP_THRESHOLD = 65536
+
+
+def _rss_reader():
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    try:
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+
+        def read() -> int:
+            return int(os.pread(fd, 64, 0).split()[1]) * page
+
+        read()
+        return read
+    except OSError:  # not Linux: psutil, slower but portable
+        import psutil
+
+        proc = psutil.Process()
+        return lambda: proc.memory_info().rss
+
+
+class PeakSampler:
+    """Samples the RSS in a thread while active; ``peak`` is the largest sample."""
+
+    def __init__(self):
+        self.read = _rss_reader()
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.before = self.read()
+        self.peak = self.before
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.read())
+            time.sleep(0.0002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.read())
+
+
+def measure(configs: list[list]) -> list[dict]:
+    import gc
+
+    import torch
+
+    from . import models
+    from .contenders import Config, make
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    sys.setswitchinterval(1e-4)  # let the sampler thread in during Python-heavy code
+    out = []
+    for kind, model, structure, method in configs:
+        row = {"kind": kind, "model": model, "structure": structure, "method": method}
+        c = None
+        try:
+            batch = models.batches(model, 1)[0]
+            c = make(Config(kind, model, 2, structure, method))
+            c.prepare(*batch)
+            c.step(*batch)  # step 0 (update): builds lazily created state
+            for label in ("plain", "update"):
+                c.model.zero_grad(set_to_none=True)  # the baseline holds no gradients
+                gc.collect()
+                with PeakSampler() as s:
+                    c.step(*batch)
+                row[f"{label}_peak_bytes"] = s.peak - s.before
+            row["rss_after_bytes"] = s.read()
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        out.append(row)
+        c = None
+        gc.collect()
+    return out
+
+
+def run_child(configs: list[list], timeout_s: float) -> tuple[list[dict], str | None]:
+    """Run :func:`measure` in a child process; returns (rows, error or None)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
+               MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.memory", json.dumps(configs)],
+            capture_output=True, text=True, timeout=timeout_s, env=env,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+    except subprocess.TimeoutExpired:
+        return [], f"memory child timed out after {timeout_s:.0f} s"
+    if proc.returncode != 0:
+        return [], f"memory child failed: {proc.stderr.strip().splitlines()[-1:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1]), None
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.argv[1]))))
