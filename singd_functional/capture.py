@@ -92,8 +92,9 @@ def _output_shapes(model, layers, params, buffers, inputs):
             return torch.empty(t.shape, dtype=t.dtype, device="meta")
         return t
 
-    state = {k: meta(v) for k, v in {**dict(model.named_buffers()), **buffers}.items()}
-    state.update({k: meta(v) for k, v in params.items()})
+    # every tensor of the model goes to 'meta', also those that `params` leaves out
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    state = {k: meta(v) for k, v in {**own, **buffers, **params}.items()}
     shapes: dict[str, list] = {}
     out_record: dict[str, list] = {info.name: [] for info in layers}
 

@@ -165,3 +165,19 @@ def test_find_layers_rules():
 def test_same_padding_even_kernel_is_asymmetric():
     info = sf.find_layers(nn.Conv2d(1, 1, (2, 4), padding="same"))[0]
     assert info.padding == (0, 1, 1, 2)
+
+
+def test_params_may_leave_out_some_model_parameters():
+    """Entries missing from params are the module's own tensors (functional_call rule)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    layers = sf.find_layers(model)
+    keys = {k for info in layers for k in info.params}
+    params = {k: v.detach() for k, v in model.named_parameters() if k in keys}
+    capture = sf.make_capture(model, F.cross_entropy, layers)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    loss, grads, caps = capture(params, x, y)
+    assert set(grads) == keys and set(caps) == {"0", "2"}
+    F.cross_entropy(model(x), y).backward()
+    for k in keys:
+        assert torch.allclose(grads[k], dict(model.named_parameters())[k].grad, atol=1e-14)
