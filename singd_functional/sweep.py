@@ -231,6 +231,21 @@ def _keep_where(ok: Tensor, new: Any, old: Any) -> Any:
     )
 
 
+def _own_code(fn: Callable, name: str) -> Callable:
+    """``fn`` with a code object of its own, named ``name``.
+
+    Dynamo keys its compiled graphs on the code object and allows 8 per code object:
+    closures made by one factory would share that budget (and each other's guards) and
+    fall back to eager after a few instances. One code object per function avoids it.
+    """
+    names = {"co_name": name}
+    if hasattr(fn.__code__, "co_qualname"):  # Python >= 3.11
+        names["co_qualname"] = name
+    fn.__code__ = fn.__code__.replace(**names)
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
 class Step(NamedTuple):
     """The training step of one run, as two functions (see :func:`make_step`).
 
@@ -276,8 +291,7 @@ def make_step(tx: GradientTransformation, capture: Callable[..., Any]) -> Step:
                 params, state = _tree_map(_contiguous, (params, state))
             return params, state, loss
 
-        step.__name__ = step.__qualname__ = "step" if with_statistics else "plain_step"
-        return step
+        return _own_code(step, "step" if with_statistics else "plain_step")
 
     return Step(make(True), make(False))
 
@@ -468,8 +482,6 @@ def make_sweep(
             new = SweepState(params, opt_state, state.hyperparams, state.diverged | ~finite)
             return new, loss
 
-        step.__name__ = "step" if with_statistics else "plain_step"
-        step.__qualname__ = f"make_sweep.<locals>.{step.__name__}"
-        return step
+        return _own_code(step, "step" if with_statistics else "plain_step")
 
     return Sweep(init, build(True), build(False))

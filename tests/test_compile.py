@@ -152,6 +152,20 @@ def test_compiled_step_fullgraph_same_numbers_no_recompile():
     assert counter.frame_count == 2
 
 
+def test_every_step_function_has_its_own_code():
+    """Dynamo caches per code object (8 graphs each): steps from different make_step /
+    make_sweep calls, and a step and its plain step, must not share one."""
+    model = small_model()
+    layers = sf.find_layers(model)
+    capture = sf.make_capture(model, make_loss("batch"), layers)
+    tx = sf.singd(layers)
+    a, b = sf.make_step(tx, capture), sf.make_step(tx, capture)
+    s = sf.make_sweep(tx, capture, sf.grid(lr=[0.1, 0.2]))
+    codes = [f.__code__ for f in (a.step, a.plain_step, b.step, b.plain_step, s.step, s.plain_step)]
+    assert len({id(c) for c in codes}) == len(codes)
+    assert a.step.__name__ == "step" and a.plain_step.__name__ == "plain_step"
+
+
 def test_hook_capture_is_a_graph_break():
     """What the fx capture avoids: dynamo cannot trace hook registration."""
     model = small_model()
