@@ -9,6 +9,8 @@ compiled vmapped sweep.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch._dynamo
@@ -216,8 +218,10 @@ def test_compiled_sweep_same_numbers_no_recompile():
     layers = sf.find_layers(models[0])
     capture = sf.make_capture(models[0], make_loss("batch"), layers)
     tx = sf.singd(layers, structures={"0": ("dense", "dense"), "2": ("block3diagonal", "diagonal")})
-    # member 1 diverges: the compiled mask (inside vmap) must match the eager one
-    hp = sf.HyperParams(lr=torch.tensor([0.05, 1e30, 0.08]), damping=torch.tensor([1e-3, 1e-2, 3e-3]))
+    # member 1 diverges at once (lr = inf: its update is +-inf or nan): the compiled
+    # mask (inside vmap) must stop it as the eager one (after vmap) does
+    hp = sf.HyperParams(lr=torch.tensor([0.05, math.inf, 0.08]),
+                        damping=torch.tensor([1e-3, 1e-2, 3e-3]))
     sweep = sf.make_sweep(tx, capture, hp)
     counter = CompileCounterWithBackend("inductor")
     compiled = sweep.compile(fullgraph=True, backend=counter)
@@ -226,13 +230,14 @@ def test_compiled_sweep_same_numbers_no_recompile():
     s_e, losses_e = sweep.run(sweep.init(stacked, stacked=True), batches[:3], T=2)
     s_c, losses_c = compiled.run(compiled.init(stacked, stacked=True), batches[:3], T=2)
     # new hyperparameter values: same graphs
-    new_hp = {"lr": torch.tensor([0.01, 1e30, 0.04]), "damping": torch.tensor([1e-2, 1e-3, 1e-3])}
+    new_hp = {"lr": torch.tensor([0.01, math.inf, 0.04]), "damping": torch.tensor([1e-2, 1e-3, 1e-3])}
     s_e, more_e = sweep.run(s_e._replace(hyperparams=new_hp), batches[3:], T=2, start=3)
     s_c, more_c = compiled.run(s_c._replace(hyperparams=new_hp), batches[3:], T=2, start=3)
     assert counter.frame_count == 2
     assert s_e.diverged.tolist() == s_c.diverged.tolist() == [False, True, False]
     assert torch.allclose(torch.cat([losses_c, more_c]), torch.cat([losses_e, more_e]), rtol=1e-5,
                           equal_nan=True)
+    assert torch.isnan(more_c[:, 1]).all() and torch.isfinite(more_c[:, [0, 2]]).all()
     for k, p in s_e.params.items():
-        assert torch.isfinite(s_c.params[k]).all()
+        assert torch.equal(s_c.params[k][1], stacked[k][1]), "the diverged member moved"
         assert ((s_c.params[k] - p).norm() / p.norm()).item() <= 1e-5
