@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import singd_functional as sf
-from tests.models import make_batch, make_loss, make_model
+from tests.models import make_batch, make_loss, make_model, run_core
 from tests.oracle import DenseOracle
 
 STRUCTURES = [
@@ -14,22 +13,6 @@ STRUCTURES = [
     "trilbottomrightdiag", "triutopleftdiag", "triubottomrightdiag",
 ]
 BASE = dict(lr=0.05, momentum=0.9, damping=1e-3, alpha1=0.5, lr_cov=0.05, T=1)
-
-
-def run_core(kind, steps, loss_average="batch", T=1, **hp):
-    model = make_model(kind)
-    layers = sf.find_layers(model)
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    loss_fn = make_loss(loss_average)
-    capture = sf.make_capture(model, loss_fn, layers)
-    tx = sf.singd(layers, loss_average=loss_average, **hp)
-    state = tx.init(params)
-    for t in range(steps):
-        x, y = make_batch(kind, t)
-        _, grads, captures = capture(params, x, y)
-        updates, state = tx.update(grads, state, params, captures=captures if t % T == 0 else None)
-        params = sf.apply_updates(params, updates)
-    return params, state
 
 
 def run_oracle(kind, steps, loss_average="batch", T=1, **hp):

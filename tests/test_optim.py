@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import singd_functional as sf
-from tests.models import make_batch, make_loss, make_model
+from tests.models import make_batch, make_loss, make_model, run_core
 from tests.oracle import DenseOracle
 
 FAMILIES = [
@@ -44,21 +44,6 @@ def run_oracle(kind, steps, loss_average="batch", **hp):
         x, y = make_batch(kind, t)
         oracle.step(lambda x=x, y=y: loss_fn(model(x), y))
     return {k: v.detach() for k, v in model.named_parameters()}, oracle
-
-
-def run_core(kind, steps, loss_average="batch", T=1, **hp):
-    model = make_model(kind)
-    layers = sf.find_layers(model)
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    capture = sf.make_capture(model, make_loss(loss_average), layers)
-    tx = sf.singd(layers, loss_average=loss_average, **hp)
-    state = tx.init(params)
-    for t in range(steps):
-        x, y = make_batch(kind, t)
-        _, grads, captures = capture(params, x, y)
-        updates, state = tx.update(grads, state, params, captures=captures if t % T == 0 else None)
-        params = sf.apply_updates(params, updates)
-    return params, state
 
 
 def assert_same(params, ref, tol=1e-10):
