@@ -95,7 +95,6 @@ def _output_shapes(model, layers, params, buffers, inputs):
     # every tensor of the model goes to 'meta', also those that `params` leaves out
     own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     state = {k: meta(v) for k, v in {**own, **buffers, **params}.items()}
-    shapes: dict[str, list] = {}
     out_record: dict[str, list] = {info.name: [] for info in layers}
 
     handles = []
@@ -112,8 +111,7 @@ def _output_shapes(model, layers, params, buffers, inputs):
     finally:
         for h in handles:
             h.remove()
-    shapes.update(out_record)
-    return shapes
+    return out_record
 
 
 class _FxProgram(NamedTuple):

@@ -239,7 +239,7 @@ def singd(
             )
         return defaults._replace(**given)
 
-    def _statistics(state, captures, grad_scale, hp):
+    def _statistics(state, captures, grad_scale):
         missing = [info.name for info in layers if info.name not in captures]
         if missing:
             raise ValueError(
@@ -284,7 +284,7 @@ def singd(
         hp = _hyperparams(hyperparams)
         _check_shapes(grads, state, params)
         if captures is not None:
-            statistics = {**_statistics(state, captures, grad_scale, hp), **(statistics or {})}
+            statistics = {**_statistics(state, captures, grad_scale), **(statistics or {})}
         factors, momenta = dict(state.factors), dict(state.momenta)
         products = dict(state.products)
         if statistics:
