@@ -194,6 +194,9 @@ def singd(
     dtype_K, dtype_C = preconditioner_dtype
     layer_params = {k for info in layers for k in info.params}
 
+    def _device(params: Mapping[str, Tensor]) -> torch.device:
+        return next(iter(params.values())).device if params else torch.device("cpu")
+
     def init(params: Mapping[str, Tensor]) -> SINGDState:
         factors, momenta = {}, {}
         for info in layers:
@@ -217,7 +220,8 @@ def singd(
         others = {k: p for k, p in params.items() if k not in layer_params}
         owned = params if fallback is None else {k: params[k] for k in params if k in layer_params}
         return SINGDState(
-            count=torch.zeros((), dtype=torch.int64),
+            # on the parameters' device: a sweep masks it with the members' flags there
+            count=torch.zeros((), dtype=torch.int64, device=_device(params)),
             factors=factors,
             momenta=momenta,
             velocity={k: torch.zeros_like(p) for k, p in owned.items()},
