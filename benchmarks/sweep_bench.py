@@ -60,8 +60,10 @@ def make_mlp(width: int, seed: int) -> nn.Module:
 class Setup:
     """N members on an MLP of one width: the sweep and the N sequential runs."""
 
-    def __init__(self, width: int, n: int, sequential: bool = True, cache: bool = False):
-        models = [make_mlp(width, seed) for seed in range(n)]
+    def __init__(
+        self, width: int, n: int, sequential: bool = True, cache: bool = False, device: str = "cpu"
+    ):
+        models = [make_mlp(width, seed).to(device) for seed in range(n)]
         self.layers = sf.find_layers(models[0])
         self.capture = sf.make_capture(models[0], F.cross_entropy, self.layers)
         self.tx = sf.singd(self.layers, structures=("dense", "dense"), cache_preconditioner=cache)
@@ -73,8 +75,8 @@ class Setup:
         stacked, _ = torch.func.stack_module_state(models)
         self.state = self.sweep.init(stacked, stacked=True)
         g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(BATCH, D_IN, generator=g)
-        self.y = torch.randint(0, CLASSES, (BATCH,), generator=g)
+        self.x = torch.randn(BATCH, D_IN, generator=g).to(device)
+        self.y = torch.randint(0, CLASSES, (BATCH,), generator=g).to(device)
         self.runs = []
         for i, m in enumerate(models if sequential else []):
             params = {k: v.detach().clone() for k, v in m.named_parameters()}
@@ -102,7 +104,20 @@ class Setup:
         return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor)) // n
 
 
+DEVICE = "cpu"
+
+
 def timed(fn):
+    """(thread CPU seconds, wall seconds) of ``fn()``; on a GPU both are the wall time
+    from a synchronized start to a synchronized end (the host thread's CPU time does
+    not count the device's work)."""
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+        w = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        w = time.perf_counter() - w
+        return w, w
     w, c = time.perf_counter(), time.thread_time()
     fn()
     return time.thread_time() - c, time.perf_counter() - w
@@ -110,7 +125,7 @@ def timed(fn):
 
 def measure(width: int, n: int, rounds: int, warmup: int, cache: bool = False) -> dict:
     """Interleaved rounds; medians in ms per step (all members)."""
-    s = Setup(width, n, cache=cache)
+    s = Setup(width, n, cache=cache, device=DEVICE)
     out = {"width": width, "N": n, "rounds": rounds, "cache_preconditioner": cache}
     for kind, stats in (("stats", True), ("plain", False)):
         for _ in range(warmup):
@@ -142,6 +157,71 @@ def measure(width: int, n: int, rounds: int, warmup: int, cache: bool = False) -
     out["state_bytes_per_member"] = s.state_bytes_per_member()
     assert not s.state.diverged.any(), "a member diverged during the benchmark"
     return out
+
+
+class HandBatched:
+    """The speed limit: a plain step with cached K K^T and C C^T written out by hand.
+
+    For ``n`` members of the MLP at once: forward with batched matrix products, the
+    backward of cross-entropy and ReLU by hand, D = (C C^T) G (K K^T) per layer,
+    heavy-ball and the parameter step, all in place where possible. No autograd, no
+    vmap, no structures, no divergence mask: the arithmetic of a plain step of
+    ``sf.singd(..., cache_preconditioner=True)`` with (almost) no per-operation
+    overhead. Run with ``n = N`` it bounds what any batched step can reach; run
+    ``N`` times with ``n = 1`` it is the cheapest possible sequential loop.
+    """
+
+    def __init__(self, width: int, n: int, device: str = "cpu"):
+        g = torch.Generator().manual_seed(n)
+        dims = [(D_IN, width), (width, width), (width, CLASSES)]
+        self.w = [(0.1 * torch.randn(n, o, i + 1, generator=g)).to(device) for i, o in dims]
+        self.kk = [torch.eye(i + 1, device=device).expand(n, i + 1, i + 1).clone() for i, _ in dims]
+        self.cc = [torch.eye(o, device=device).expand(n, o, o).clone() for _, o in dims]
+        self.v = [torch.zeros_like(w) for w in self.w]
+        self.lr = torch.full((n, 1, 1), 1e-3, device=device)
+        self.momentum = torch.full((n, 1, 1), 0.9, device=device)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n, rows = self.w[0].shape[0], x.shape[0]
+        h, acts = x.expand(n, *x.shape), []
+        for i, w in enumerate(self.w):
+            acts.append(torch.cat([h, h.new_ones(n, rows, 1)], 2))
+            h = torch.baddbmm(w[:, :, -1:].transpose(1, 2), h, w[:, :, :-1].transpose(1, 2))
+            if i < len(self.w) - 1:
+                h = h.relu()
+        logp = h.log_softmax(-1)
+        loss = -logp.gather(2, y.expand(n, rows).unsqueeze(2)).mean((1, 2))
+        g = (logp.exp() - F.one_hot(y, CLASSES)) / rows
+        for i in reversed(range(len(self.w))):
+            grad = torch.bmm(g.transpose(1, 2), acts[i])
+            if i:
+                g = torch.bmm(g, self.w[i][:, :, :-1]) * (acts[i][:, :, :-1] > 0)
+            step = torch.bmm(torch.bmm(self.cc[i], grad), self.kk[i])
+            self.v[i].mul_(self.momentum).add_(step)
+            self.w[i].sub_(self.lr * self.v[i])
+        return loss
+
+
+def measure_bound(width: int, n: int, rounds: int, warmup: int) -> dict:
+    """Plain steps (cache_preconditioner) of: the core once per member, the vmapped
+    sweep, :class:`HandBatched` for all members at once and once per member;
+    interleaved, medians in ms per step for all members."""
+    s = Setup(width, n, cache=True, device=DEVICE)
+    batched = HandBatched(width, n, DEVICE)
+    singles = [HandBatched(width, 1, DEVICE) for _ in range(n)]
+    contenders = {
+        "core_sequential": lambda: s.sequential(False),
+        "sweep": lambda: s.vmapped(False),
+        "hand_batched": lambda: batched.step(s.x, s.y),
+        "hand_sequential": lambda: [h.step(s.x, s.y) for h in singles],
+    }
+    times = {k: [] for k in contenders}
+    for r in range(warmup + rounds):
+        for k, fn in contenders.items():
+            c, _ = timed(fn)
+            if r >= warmup:
+                times[k].append(c)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 class _MallInfo2(ctypes.Structure):
@@ -177,6 +257,20 @@ class _PeakAllocated(TorchDispatchMode):
 def memory_probe(width: int, n: int) -> dict | None:
     """Per member: the sweep state (exact) and the step's working set (allocator peak
     during one step of each kind minus the allocation before it, over N)."""
+    if DEVICE != "cpu":
+        sweep_only = Setup(width, n, sequential=False, device=DEVICE)
+        sweep_only.vmapped(True)
+        before = torch.cuda.memory_allocated()
+        peaks = []
+        for stats in (True, False):
+            torch.cuda.reset_peak_memory_stats()
+            sweep_only.vmapped(stats)
+            peaks.append(torch.cuda.max_memory_allocated() - before)
+        return {
+            "width": width,
+            "state_bytes_per_member": sweep_only.state_bytes_per_member(),
+            "step_bytes_per_member": max(peaks) / n,
+        }
     if _allocated_bytes() is None:
         return None
     sweep_only = Setup(width, n, sequential=False)
@@ -208,6 +302,7 @@ def cache_bytes(level: int) -> int | None:
 
 def environment() -> dict:
     return {
+        "device": DEVICE if DEVICE == "cpu" else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
@@ -286,7 +381,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and points")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {DEVICE}: torch.cuda.is_available() is False here")
     setup_threads()
     rounds, warmup = (5, 1) if args.quick else (11, 2)
     ns = (1, 8, 32) if args.quick else (1, 2, 4, 8, 16, 32)
@@ -300,6 +400,9 @@ def main(argv=None):
         print(f"N=8, w=128{name}: speedup {h['T10']['speedup_cpu']:.2f}x (T=10 mix), "
               f"{h['stats']['speedup_cpu']:.2f}x (statistics step), "
               f"{h['plain']['speedup_cpu']:.2f}x (plain step)", flush=True)
+    bound = measure_bound(128, 8, 3 * rounds, 2 * warmup)
+    print("N=8, w=128, plain step with cached products: "
+          + ", ".join(f"{k} {v:.2f} ms" for k, v in bound.items()), flush=True)
     by_n = []
     for n in ns:
         by_n.append(headline if n == 8 else measure(128, n, rounds, warmup))
@@ -310,6 +413,9 @@ def main(argv=None):
         print(f"  w={w}: T10 {by_width[-1]['T10']['speedup_cpu']:.2f}x", flush=True)
 
     memory = []
+    capacity = (
+        env["ram_bytes"] if DEVICE == "cpu" else torch.cuda.get_device_properties(0).total_memory
+    )
     for w in widths:
         m = memory_probe(w, 8)
         if m is None:
@@ -317,7 +423,7 @@ def main(argv=None):
         per = m["state_bytes_per_member"] + m["step_bytes_per_member"]
         m["members_fit_l2"] = int(env["l2_bytes"] // per) if env["l2_bytes"] else None
         m["members_fit_l3"] = int(env["l3_bytes"] // per) if env["l3_bytes"] else None
-        m["members_fit_ram_half"] = int(env["ram_bytes"] / 2 // per)
+        m["members_fit_ram_half"] = int(capacity / 2 // per)
         memory.append(m)
         print(f"  w={w}: state {m['state_bytes_per_member'] / 2**20:.2f} MiB, "
               f"step working set {m['step_bytes_per_member'] / 2**20:.2f} MiB per member", flush=True)
@@ -326,8 +432,10 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out / f"sweep_bench.{ext}" for ext in ("md", "json", "png")}
-    data = {"environment": env, "headline": headline, "headline_cache_preconditioner": cached, "by_N": by_n, "by_width": by_width, "memory": memory,
+    stem = "sweep_bench" if DEVICE == "cpu" else "sweep_bench_cuda"
+    paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "json", "png")}
+    data = {"environment": env, "headline": headline, "headline_cache_preconditioner": cached,
+            "bound": bound, "by_N": by_n, "by_width": by_width, "memory": memory,
             "quick": args.quick}
     paths["json"].write_text(json.dumps(data, indent=2))
     plot(by_n, by_width, memory, paths["png"])
@@ -339,17 +447,38 @@ def main(argv=None):
         for name, h in (("default", headline), ("cache_preconditioner", cached))
         for k, label in (("stats", "with statistics"), ("plain", "plain"), ("T10", "T = 10 mix"))
     )
-    md = f"""# Vmapped sweep vs sequential runs
+    b = bound
+    bound_rows = "\n".join([
+        f"| the core, once per member (baseline) | {b['core_sequential']:.2f} | 1.00x |",
+        f"| `sf.make_sweep` plain step (vmap, autograd, mask) | {b['sweep']:.2f} | "
+        f"{b['core_sequential'] / b['sweep']:.2f}x |",
+        f"| hand-written batched step, all members at once | {b['hand_batched']:.2f} | "
+        f"{b['core_sequential'] / b['hand_batched']:.2f}x |",
+        f"| hand-written step, once per member | {b['hand_sequential']:.2f} | "
+        f"{b['core_sequential'] / b['hand_sequential']:.2f}x |",
+    ])
+    if DEVICE == "cpu":
+        where = (f"Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}; load average\n"
+                 f"{env['load_average'][0]:.1f} at start, {env['load_average_end'][0]:.1f} at the end\n"
+                 "(other processes share the cores: CPU time is the fairer clock).")
+        mem_where = (f"the L2 ({env['l2_bytes']} bytes), the L3\n({env['l3_bytes']} bytes) and half "
+                     f"of the {capacity / 2**30:.1f} GiB of RAM")
+    else:
+        where = (f"Device: {env['device']} (CUDA), torch {env['torch']}, one host thread. On the GPU "
+                 "both clocks are the wall time between synchronizations (the host thread's CPU "
+                 "time would miss the device's work).")
+        mem_where = (f"the host's L2/L3 (not meaningful here) and half of the "
+                     f"{capacity / 2**30:.1f} GiB of GPU memory")
+    clock = "thread CPU time" if DEVICE == "cpu" else "wall time (synchronized)"
+    md = f"""# Vmapped sweep vs sequential runs{"" if DEVICE == "cpu" else " (GPU)"}
 
 MLP 64-w-w-10, batch 64, float32, SINGD with dense K and C, one thread, flush denormals.
 Sequential: the pure core once per member. Vmapped: `sf.make_sweep(...).step` for all
 members at once (with the divergence mask). Medians of interleaved rounds, ms per step for
-all N members; speedup = sequential / vmapped in thread CPU time ("(wall)": wall clock).
+all N members; speedup = sequential / vmapped in {clock} ("(wall)": wall clock).
 T = 10: one step with statistics and nine plain steps.
 
-Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}; load average
-{env['load_average'][0]:.1f} at start, {env['load_average_end'][0]:.1f} at the end
-(other processes share the cores: CPU time is the fairer clock). {'Quick run.' if args.quick else ''}
+{where} {'Quick run.' if args.quick else ''}
 
 ## Headline: N = 8, w = 128
 
@@ -360,6 +489,22 @@ Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}; load average
 `cache_preconditioner=True` keeps K K^T and C C^T between factor updates (what
 `sf.SINGD` does for T > 1): cheaper plain steps, dearer statistics steps. The scaling
 below uses the default transform.
+
+## What bounds the speed-up (N = 8, w = 128, plain step, cached K K^T and C C^T)
+
+Interleaved in one run: the baseline, the sweep, and `HandBatched` in this file, the
+same arithmetic written out by hand (batched matrix products, manual backward, in-place
+heavy-ball; no autograd, no vmap, no mask), once for all members at once and once per
+member. ms per step for all 8 members; "x" = baseline / row.
+
+| contender | ms | speed-up over the baseline |
+|---|---|---|
+{bound_rows}
+
+The hand-written batched step bounds what any batched step can reach; the hand-written
+loop shows how much of the baseline is per-operation overhead rather than arithmetic.
+Where the batched step is barely faster than the loop, batching saves overhead only and
+the arithmetic sets the limit.
 
 ## Scaling with N (w = 128)
 
@@ -374,14 +519,13 @@ below uses the default transform.
 State = parameters, velocity and K, C, m_K, m_C of every layer (exact). Step working
 set = the allocator's peak during one vmapped step (N = 8) minus what was allocated
 before it, per member: activations, captures, gradients, the new state and temporaries.
-"fit": how many members' state + working set fit the L2 ({env['l2_bytes']} bytes), the L3
-({env['l3_bytes']} bytes) and half of the {env['ram_bytes'] / 2**30:.1f} GiB of RAM. Past the
+"fit": how many members' state + working set fit {mem_where}. Past the
 L3 the step streams every member's factors from memory each step (the speed-up falls with
 width above). The RAM bounds N: `chunk_size` trims the step's working set, not the state.
 
 {table(mem_rows, ['width', 'state MiB', 'step MiB', 'members fitting L2', 'members fitting L3', 'members fitting half the RAM'])}
 
-![plot](sweep_bench.png)
+![plot]({stem}.png)
 """
     paths["md"].write_text(md)
     for p in paths.values():
