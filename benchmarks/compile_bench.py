@@ -115,27 +115,37 @@ def bench_structure(family: str, rounds: int) -> dict:
                 out[f"compile_s_{name}"] = w
                 out[f"compile_cpu_s_{name}"] = c
         t += 1
-    times = {(side, i): ([], []) for side in fns for i in range(2)}
+    names = ("stats", "plain")
+    times = {(side, name): ([], []) for side in fns for name in names}
     for _ in range(rounds):
-        for i in range(2):
+        for i, name in enumerate(names):
             for side in ("eager", "compiled"):
                 run = runs[side]
                 (run[0], run[1], _), c, w = clocked(step_call, fns[side][i], run, t, x, y)
-                times[side, i][0].append(c)
-                times[side, i][1].append(w)
+                times[side, name][0].append(c)
+                times[side, name][1].append(w)
             t += 1
-    for i, name in enumerate(("stats", "plain")):
-        for side in fns:
-            out[f"{side}_cpu_ms_{name}"] = median_ms(times[side, i][0])
-            out[f"{side}_wall_ms_{name}"] = median_ms(times[side, i][1])
+    summarize(out, times, names, counter, runs["eager"][0], runs["compiled"][0])
+    return out
+
+
+def summarize(out: dict, times: dict, names: tuple[str, str], counter, eager_params, compiled_params):
+    """Into ``out``: medians per (side, step), speed-ups, the T = 10 mix (one step
+    ``names[0]`` with statistics, nine plain steps ``names[1]``), the number of compiled
+    graphs and the largest relative parameter difference compiled vs eager."""
+    sides = ("eager", "compiled")
+    for name in names:
+        for side in sides:
+            out[f"{side}_cpu_ms_{name}"] = median_ms(times[side, name][0])
+            out[f"{side}_wall_ms_{name}"] = median_ms(times[side, name][1])
         out[f"speedup_{name}"] = out[f"eager_cpu_ms_{name}"] / out[f"compiled_cpu_ms_{name}"]
-    for side in fns:
-        out[f"{side}_cpu_ms_T10"] = (out[f"{side}_cpu_ms_stats"] + 9 * out[f"{side}_cpu_ms_plain"]) / 10
+    stats, plain = names
+    for side in sides:
+        out[f"{side}_cpu_ms_T10"] = (out[f"{side}_cpu_ms_{stats}"] + 9 * out[f"{side}_cpu_ms_{plain}"]) / 10
     out["speedup_T10"] = out["eager_cpu_ms_T10"] / out["compiled_cpu_ms_T10"]
     out["graphs"] = counter.frame_count
-    pe, pc = runs["eager"][0], runs["compiled"][0]
+    pe, pc = eager_params, compiled_params
     out["max_rel_diff"] = max(((pc[k] - pe[k]).norm() / pe[k].norm()).item() for k in pe)
-    return out
 
 
 def bench_sweep(rounds: int, n: int = 8) -> dict:
@@ -169,17 +179,7 @@ def bench_sweep(rounds: int, n: int = 8) -> dict:
                 (states[side], _), c, w = clocked(fn, states[side], x, y)
                 times[side, name][0].append(c)
                 times[side, name][1].append(w)
-    for name in ("step", "plain_step"):
-        for side in sweeps:
-            out[f"{side}_cpu_ms_{name}"] = median_ms(times[side, name][0])
-            out[f"{side}_wall_ms_{name}"] = median_ms(times[side, name][1])
-        out[f"speedup_{name}"] = out[f"eager_cpu_ms_{name}"] / out[f"compiled_cpu_ms_{name}"]
-    for side in sweeps:
-        out[f"{side}_cpu_ms_T10"] = (out[f"{side}_cpu_ms_step"] + 9 * out[f"{side}_cpu_ms_plain_step"]) / 10
-    out["speedup_T10"] = out["eager_cpu_ms_T10"] / out["compiled_cpu_ms_T10"]
-    out["graphs"] = counter.frame_count
-    pe, pc = states["eager"].params, states["compiled"].params
-    out["max_rel_diff"] = max(((pc[k] - pe[k]).norm() / pe[k].norm()).item() for k in pe)
+    summarize(out, times, ("step", "plain_step"), counter, states["eager"].params, states["compiled"].params)
     return out
 
 
