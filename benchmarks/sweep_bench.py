@@ -463,12 +463,19 @@ def main(argv=None):
                  "(other processes share the cores: CPU time is the fairer clock).")
         mem_where = (f"the L2 ({env['l2_bytes']} bytes), the L3\n({env['l3_bytes']} bytes) and half "
                      f"of the {capacity / 2**30:.1f} GiB of RAM")
+        mem_note = ("Past the\nL3 the step streams every member's factors from memory each step "
+                    "(the speed-up falls with\nwidth above). The RAM bounds N: `chunk_size` trims "
+                    "the step's working set, not the state.")
     else:
         where = (f"Device: {env['device']} (CUDA), torch {env['torch']}, one host thread. On the GPU "
                  "both clocks are the wall time between synchronizations (the host thread's CPU "
                  "time would miss the device's work).")
         mem_where = (f"the host's L2/L3 (not meaningful here) and half of the "
                      f"{capacity / 2**30:.1f} GiB of GPU memory")
+        mem_note = ("At these sizes the GPU\nstep is bound by the host (Python, dispatch, kernel "
+                    "launches): its time hardly changes\nwith N or width, and the GPU memory "
+                    "('half the RAM' column) bounds N. `chunk_size`\ntrims the step's working "
+                    "set, not the state.")
     clock = "thread CPU time" if DEVICE == "cpu" else "wall time (synchronized)"
     md = f"""# Vmapped sweep vs sequential runs{"" if DEVICE == "cpu" else " (GPU)"}
 
@@ -519,9 +526,7 @@ the arithmetic sets the limit.
 State = parameters, velocity and K, C, m_K, m_C of every layer (exact). Step working
 set = the allocator's peak during one vmapped step (N = 8) minus what was allocated
 before it, per member: activations, captures, gradients, the new state and temporaries.
-"fit": how many members' state + working set fit {mem_where}. Past the
-L3 the step streams every member's factors from memory each step (the speed-up falls with
-width above). The RAM bounds N: `chunk_size` trims the step's working set, not the state.
+"fit": how many members' state + working set fit {mem_where}. {mem_note}
 
 {table(mem_rows, ['width', 'state MiB', 'step MiB', 'members fitting L2', 'members fitting L3', 'members fitting half the RAM'])}
 
