@@ -97,16 +97,16 @@ def make_loss(loss_average):
     return loss_fn
 
 
-def run_core(kind, steps, loss_average="batch", T=1, **hp):
-    """Train ``make_model(kind)`` with the pure core; captures every T steps."""
-    model = make_model(kind)
+def run_core(kind, steps, loss_average="batch", T=1, device="cpu", **hp):
+    """Train ``make_model(kind)`` with the pure core on ``device``; captures every T steps."""
+    model = make_model(kind).to(device)
     layers = sf.find_layers(model)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     capture = sf.make_capture(model, make_loss(loss_average), layers)
     tx = sf.singd(layers, loss_average=loss_average, **hp)
     state = tx.init(params)
     for t in range(steps):
-        x, y = make_batch(kind, t)
+        x, y = (v.to(device) for v in make_batch(kind, t))
         _, grads, captures = capture(params, x, y)
         updates, state = tx.update(grads, state, params, captures=captures if t % T == 0 else None)
         params = sf.apply_updates(params, updates)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import singd_functional as sf
-from tests.models import make_batch, make_loss, make_model
-from tests.test_core import STRUCTURES
+from tests.models import make_batch, make_loss, make_model, run_core
+from tests.test_core import STRUCTURES, assert_same
+from tests.test_sweep import assert_member_equals, member, sequential
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -21,33 +22,17 @@ HP = dict(lr=0.05, momentum=0.9, damping=1e-3, alpha1=0.5, lr_cov=0.05, weight_d
 
 
 def assert_close(got: dict, ref: dict, tol: float = 1e-10):
-    for k, r in ref.items():
-        g = got[k].detach().cpu()
-        err = (g - r.detach().cpu()).norm() / r.detach().cpu().norm().clamp(min=1e-300)
-        assert err <= tol, f"{k}: relative error {err:.3e}"
-
-
-def run_core_on(device: str, kind: str, steps: int, T: int = 1, **kw):
-    model = make_model(kind).to(device)
-    layers = sf.find_layers(model)
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    capture = sf.make_capture(model, make_loss("batch"), layers)
-    tx = sf.singd(layers, **HP, **kw)
-    state = tx.init(params)
-    for t in range(steps):
-        x, y = (v.to(device) for v in make_batch(kind, t))
-        _, grads, captures = capture(params, x, y)
-        updates, state = tx.update(grads, state, params, captures=captures if t % T == 0 else None)
-        params = sf.apply_updates(params, updates)
-    return params, state
+    """``got`` equals ``ref`` to ``tol`` relative, compared on the CPU (either may be on CUDA)."""
+    cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
+    assert_same(cpu(got), cpu(ref), tol)
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
 @pytest.mark.parametrize("kfac_like", [False, True], ids=["singd", "ikfac"])
 def test_core_on_cuda_equals_cpu(structure, kfac_like):
     kw = dict(structures=(structure, structure), kfac_like=kfac_like)
-    got, state = run_core_on("cuda", "mlp", 12, **kw)
-    ref, ref_state = run_core_on("cpu", "mlp", 12, **kw)
+    got, state = run_core("mlp", 12, device="cuda", **HP, **kw)
+    ref, ref_state = run_core("mlp", 12, **HP, **kw)
     assert_close(got, ref)
     for name, (K, C) in state.factors.items():
         K_ref, C_ref = ref_state.factors[name]
@@ -57,8 +42,8 @@ def test_core_on_cuda_equals_cpu(structure, kfac_like):
 
 @pytest.mark.parametrize("kind", ["cnn", "seq", "twice"])
 def test_other_layers_on_cuda_equal_cpu(kind):
-    got, _ = run_core_on("cuda", kind, 8, T=3, cache_preconditioner=True)
-    ref, _ = run_core_on("cpu", kind, 8, T=3, cache_preconditioner=True)
+    got, _ = run_core(kind, 8, T=3, device="cuda", cache_preconditioner=True, **HP)
+    ref, _ = run_core(kind, 8, T=3, cache_preconditioner=True, **HP)
     assert_close(got, ref)
 
 
@@ -99,15 +84,8 @@ def test_sweep_on_cuda_equals_sequential_runs():
     assert losses.shape == (20, 4) and losses.device.type == "cuda"
     assert not state.diverged.any()
     for i in range(4):
-        params, st = dict(params0), tx.init(params0)
-        member = sf.HyperParams(lr=hp.lr[i].item(), damping=hp.damping[i].item())
-        for t, (x, y) in enumerate(batches):
-            _, grads, captures = capture(params, x, y)
-            updates, st = tx.update(
-                grads, st, params, captures=captures if t % 3 == 0 else None, hyperparams=member
-            )
-            params = sf.apply_updates(params, updates)
-        assert_close({k: v[i] for k, v in state.params.items()}, params)
+        ref = sequential(tx, capture, params0, member(hp, i), batches, T=3)
+        assert_member_equals(state, losses, i, *ref, tol=1e-10)
 
 
 def test_sweep_on_cuda_masks_a_diverging_member():
