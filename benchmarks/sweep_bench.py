@@ -254,33 +254,27 @@ class _PeakAllocated(TorchDispatchMode):
         return out
 
 
+def _step_peak_bytes(s: Setup, stats: bool) -> int:
+    """The allocator's peak during one vmapped step: sampled after every op on the CPU,
+    CUDA's own peak counter on a GPU."""
+    if DEVICE == "cpu":
+        with _PeakAllocated() as mode:
+            s.vmapped(stats)
+        return mode.peak
+    torch.cuda.reset_peak_memory_stats()
+    s.vmapped(stats)
+    return torch.cuda.max_memory_allocated()
+
+
 def memory_probe(width: int, n: int) -> dict | None:
     """Per member: the sweep state (exact) and the step's working set (allocator peak
     during one step of each kind minus the allocation before it, over N)."""
-    if DEVICE != "cpu":
-        sweep_only = Setup(width, n, sequential=False, device=DEVICE)
-        sweep_only.vmapped(True)
-        before = torch.cuda.memory_allocated()
-        peaks = []
-        for stats in (True, False):
-            torch.cuda.reset_peak_memory_stats()
-            sweep_only.vmapped(stats)
-            peaks.append(torch.cuda.max_memory_allocated() - before)
-        return {
-            "width": width,
-            "state_bytes_per_member": sweep_only.state_bytes_per_member(),
-            "step_bytes_per_member": max(peaks) / n,
-        }
-    if _allocated_bytes() is None:
+    if DEVICE == "cpu" and _allocated_bytes() is None:
         return None
-    sweep_only = Setup(width, n, sequential=False)
+    sweep_only = Setup(width, n, sequential=False, device=DEVICE)
     sweep_only.vmapped(True)  # first call: shape caches
-    before = _allocated_bytes()
-    peaks = []
-    for stats in (True, False):
-        with _PeakAllocated() as mode:
-            sweep_only.vmapped(stats)
-        peaks.append(mode.peak - before)
+    before = _allocated_bytes() if DEVICE == "cpu" else torch.cuda.memory_allocated()
+    peaks = [_step_peak_bytes(sweep_only, stats) - before for stats in (True, False)]
     return {
         "width": width,
         "state_bytes_per_member": sweep_only.state_bytes_per_member(),
