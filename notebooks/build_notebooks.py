@@ -642,12 +642,111 @@ plt.show()
 '''),
 ]
 
+# --------------------------------------------------------------------- 6 transformer
+TRANSFORMER = [
+    md("""
+# 6. A character transformer on the standard library's sources
+
+A GPT-style model (2 pre-norm blocks, width 64, 4 heads, context 64; attention written
+with plain `nn.Linear` layers as in nanoGPT) learns to predict the next byte of Python's
+own standard library (the `.py` files that ship with every Python: no download). The
+last 10 % of the text is held out. `singd_functional.examples.chargpt` holds the data,
+the models and two small training loops.
+
+SINGD preconditions every `nn.Linear` (q/k/v, the attention output, the MLP, the head);
+the token and position embeddings and the LayerNorms are not SINGD layers, so they get
+AdamW (a second optimizer on the drop-in face, a `fallback` in the pure core).
+
+`SINGD_NOTEBOOK_QUICK=1` (set by the test suite) shortens every run.
+"""),
+    code('''
+import os
+
+import matplotlib.pyplot as plt
+import torch
+
+import singd_functional as sf
+from singd_functional.examples import chargpt
+
+torch.set_num_threads(1)
+QUICK = os.environ.get("SINGD_NOTEBOOK_QUICK") == "1"
+STEPS = 12 if QUICK else 300
+
+data = chargpt.load_corpus(100_000 if QUICK else 1_000_000)
+print(f"{len(data.train):,} training / {len(data.val):,} validation bytes from {data.files} files; "
+      f"vocabulary of {len(data.vocab)} byte values")
+print(repr(bytes(data.vocab[i] for i in data.train[:120].tolist()).decode()))
+
+model = chargpt.make_model("nanogpt", len(data.vocab), seed=0)
+print(f"{sum(p.numel() for p in model.parameters()):,} parameters")
+print("SINGD layers:", [info.name for info in sf.find_layers(model)])
+batches = chargpt.batch_stream(data, STEPS, batch_size=32, context=64, seed=0)
+windows = chargpt.val_windows(data, 64, n=64 if QUICK else 256)
+'''),
+    md("""
+## The drop-in face: SINGD for the layers, AdamW for the rest
+
+`loss_average="batch+sequence"`: the loss is a mean over every position of every
+window, and the statistics are scaled to match. Both runs start from the same weights
+and see the same batches.
+"""),
+    code('''
+def singd_and_adamw(model, structure="dense"):
+    singd = sf.SINGD(model, lr=3e-2, damping=1e-3, lr_cov=1e-2, T=5, structures=structure,
+                     loss_average="batch+sequence", warn_unsupported=False)
+    mine = {id(p) for g in singd.param_groups for p in g["params"]}
+    rest = [p for p in model.parameters() if id(p) not in mine]
+    return [singd, torch.optim.AdamW(rest, lr=3e-3, weight_decay=0.0)]
+
+
+curves = {}
+for name, make in {
+    "AdamW": lambda m: [torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)],
+    "SINGD dense": singd_and_adamw,
+    "SINGD block16diagonal": lambda m: singd_and_adamw(m, "block16diagonal"),
+}.items():
+    m = chargpt.make_model("nanogpt", len(data.vocab), seed=0)
+    opts = make(m)
+    curves[name] = chargpt.train_torch(m, opts, batches, windows, eval_every=max(1, STEPS // 6))
+    state = sum(chargpt.tree_bytes(list(o.state.values())) for o in opts)
+    print(f"{name:22s} val loss {curves[name].val[-1]:.4f}   state {state:,} bytes   "
+          f"{curves[name].seconds:.1f} s")
+
+fig, ax = plt.subplots(figsize=(6, 3.8))
+for name, c in curves.items():
+    ax.plot(c.steps, c.val, marker="o", label=name)
+ax.set_xlabel("step"); ax.set_ylabel("validation loss (nats per byte)"); ax.grid(alpha=0.3)
+ax.legend(); plt.show()
+'''),
+    md("""
+## The pure core: three learning rates in one vmapped run
+
+`core_optimizer` builds `sf.singd(..., fallback=sf.adamw(...))` and the capture; `sweep_core`
+trains every member of `sf.grid(lr=...)` in ONE `torch.func.vmap`-ed run
+(`sf.make_sweep`), same weights and batches. A member that diverges is stopped.
+"""),
+    code('''
+tx, capture, T = chargpt.core_optimizer(model, structures="dense", lr=3e-2)
+members, _ = chargpt.sweep_core(model, tx, capture, T, sf.grid(lr=[1e-2, 3e-2, 1e-1]),
+                                batches, windows, eval_every=max(1, STEPS // 6))
+for lr, c in zip([1e-2, 3e-2, 1e-1], members):
+    print(f"lr {lr:g}: val loss {c.val[-1]:.4f}" + (" (diverged)" if c.diverged else ""))
+'''),
+    md("""
+The full comparison (600 steps, two seeds, both model families, AdamW, Muon, SOAP and
+four SINGD structures, each with a tuned learning rate) is
+`python -m benchmarks.transformer_bench`; its results are in
+`benchmarks/results/transformer_bench.md` and in the README.
+"""),
+]
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": QUICKSTART,
     "02_functional_api.ipynb": FUNCTIONAL,
     "03_sweep_grid.ipynb": SWEEP,
     "04_structures.ipynb": STRUCTURES,
     "05_gcn_karate_club.ipynb": GCN,
+    "06_transformer.ipynb": TRANSFORMER,
 }
 
 

@@ -46,6 +46,7 @@ def this_python_kernel(tmp_path, monkeypatch):
     )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("SINGD_NOTEBOOK_QUICK", "1")  # short runs (notebook 6 reads it)
     return "python3"
 
 
