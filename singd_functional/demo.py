@@ -8,10 +8,17 @@ same initial weights and sees the same batches in the same order:
    ``--structures`` (default: dense and diagonal K, C), ``torch.optim.AdamW`` and
    ``torch.optim.SGD`` with momentum, each for ``--epochs`` epochs;
 2. one ``torch.func.vmap``-ed sweep over ``--sweep-size`` SINGD learning rates
-   (:func:`~singd_functional.make_sweep`): all of them train in a single run.
+   (:func:`~singd_functional.make_sweep`): all of them train in a single run;
+3. a character transformer (:mod:`singd_functional.examples.chargpt`: 2 blocks, width
+   64, on the standard library's ``.py`` sources, last 10 % held out) for
+   ``--transformer-steps`` steps with the drop-in SINGD (dense and
+   ``--transformer-structure``) and AdamW, same initial weights and batches; SINGD
+   preconditions every ``nn.Linear``, AdamW trains the embeddings and norms.
+   ``--transformer-steps 0`` skips it.
 
-At the end it prints a table (test accuracy, test loss, wall time, optimizer-state
-bytes) and writes ``curves.png``, ``sweep.png`` and ``results.json`` to ``--out``.
+At the end it prints tables (test accuracy, test loss, wall time, optimizer-state
+bytes; for the transformer the validation loss) and writes ``curves.png``,
+``sweep.png``, ``transformer.png`` and ``results.json`` to ``--out``.
 
 Run ``python -m singd_functional.demo --help`` for the options.
 """
@@ -42,6 +49,10 @@ SINGD_HP = dict(lr=1e-2, momentum=0.9, damping=1e-1, lr_cov=1e-2, T=2)
 ADAMW_HP = dict(lr=3e-3, weight_decay=1e-2)
 SGD_HP = dict(lr=0.03, momentum=0.9)
 SWEEP_LRS = (1e-3, 3e-1)  # log-spaced range of the learning-rate sweep
+# The character transformer's (benchmarks/transformer_bench.py tuned the lrs on this
+# model: see benchmarks/results/transformer_bench.md).
+GPT_SINGD_HP = dict(lr=3e-2, momentum=0.9, damping=1e-3, lr_cov=1e-2, T=5)
+GPT_ADAMW_HP = dict(lr=3e-3, weight_decay=0.0)
 
 _MISSING_EXTRA = (
     "the demo needs scikit-learn, matplotlib and tqdm; install them with "
@@ -84,8 +95,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "synchronization overhead, most of all in the vmapped sweep)",
     )
     p.add_argument(
+        "--transformer-steps", type=int, default=300,
+        help="training steps of the character transformer part; 0 skips it",
+    )
+    p.add_argument(
+        "--transformer-structure", default="block16diagonal",
+        help="the structured SINGD variant of the transformer part (besides dense)",
+    )
+    p.add_argument(
         "--quick", action="store_true",
-        help="a smoke test: 256 training and 128 test images (use with --epochs 1)",
+        help="a smoke test: 256 training and 128 test images (use with --epochs 1), "
+        "a 100 kB corpus and at most 10 transformer steps",
     )
     args = p.parse_args(argv)
     if args.epochs < 1:
@@ -94,6 +114,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.sweep_size < 0:
         p.error(f"--sweep-size must be >= 0, got {args.sweep_size}")
+    if args.transformer_steps < 0:
+        p.error(f"--transformer-steps must be >= 0, got {args.transformer_steps}")
+    try:
+        _structures.get(args.transformer_structure)
+    except ValueError as err:
+        p.error(f"--transformer-structure: {err}")
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     try:
@@ -367,6 +393,91 @@ def sweep_lrs(
     )
 
 
+# ------------------------------------------------------------------ character transformer
+@dataclass
+class GPTRun:
+    """One optimizer on the character transformer: validation loss every few steps."""
+
+    name: str
+    steps: list[int]
+    val_loss: list[float]
+    wall_time: float
+    state_bytes: int
+
+
+def gpt_optimizers(model: nn.Module, structure: str) -> list[torch.optim.Optimizer]:
+    """SINGD (drop-in) for every SINGD layer, AdamW for the remaining parameters."""
+    singd = sf.SINGD(model, structures=(structure, structure), loss_average="batch+sequence",
+                     warn_unsupported=False, **GPT_SINGD_HP)
+    mine = {id(p) for g in singd.param_groups for p in g["params"]}
+    rest = [p for p in model.parameters() if id(p) not in mine]
+    return [singd, torch.optim.AdamW(rest, **GPT_ADAMW_HP)]
+
+
+def train_transformer(
+    *, steps: int, structure: str, seed: int, quick: bool, device: torch.device
+) -> tuple[list[GPTRun], dict]:
+    """SINGD dense, SINGD ``structure`` and AdamW on the character GPT (same weights, batches)."""
+    from tqdm.auto import tqdm
+
+    from .examples import chargpt
+
+    data = chargpt.load_corpus(100_000 if quick else chargpt.DEFAULT_BUDGET)
+    batches = [(x.to(device), y.to(device))
+               for x, y in chargpt.batch_stream(data, steps, 32, 64, seed)]
+    windows = tuple(t.to(device) for t in chargpt.val_windows(data, 64, 64 if quick else 256))
+    factories = {
+        "SINGD (dense)": lambda m: gpt_optimizers(m, "dense"),
+        f"SINGD ({structure})": lambda m: gpt_optimizers(m, structure),
+        "AdamW": lambda m: [torch.optim.AdamW(m.parameters(), **GPT_ADAMW_HP)],
+    }
+    runs = []
+    every = max(1, min(25, steps // 4))
+    for name, factory in factories.items():
+        model = chargpt.make_model("nanogpt", len(data.vocab), seed=seed).to(device)
+        opts = factory(model)
+        with tqdm(total=1, desc=f"{name:<16}", unit="run", dynamic_ncols=True,
+                  file=sys.stderr) as bar:
+            curve = chargpt.train_torch(model, opts, batches, windows, eval_every=every)
+            bar.update(1)
+        runs.append(GPTRun(name, curve.steps, curve.val, curve.seconds,
+                           sum(state_bytes(o) for o in opts)))
+    info = dict(
+        train_bytes=len(data.train), val_bytes=len(data.val), files=data.files,
+        vocab=len(data.vocab),
+        parameters=sum(p.numel() for p in chargpt.make_model("nanogpt", len(data.vocab))
+                       .parameters()),
+    )
+    return runs, info
+
+
+def gpt_table(runs: list[GPTRun]) -> str:
+    lines = ["| optimizer | val loss | wall time | state bytes |", "|---|---:|---:|---:|"]
+    for r in runs:
+        lines.append(f"| {r.name} | {r.val_loss[-1]:.4f} | {r.wall_time:.1f} s | "
+                     f"{r.state_bytes:,} ({human_bytes(r.state_bytes)}) |")
+    return "\n".join(lines)
+
+
+def plot_transformer(runs: list[GPTRun], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in runs:
+        ax.plot(r.steps, r.val_loss, marker="o", label=r.name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats per byte)")
+    ax.set_title("character GPT on the standard library: same weights, same batches")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- reports
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -500,9 +611,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = sweep_lrs(data, size=args.sweep_size, structure=args.structures[0],
                           epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                           device=args.device)
+    gpt_runs, gpt_info = [], {}
+    if args.transformer_steps:
+        gpt_runs, gpt_info = train_transformer(
+            steps=min(args.transformer_steps, 10) if args.quick else args.transformer_steps,
+            structure=args.transformer_structure, seed=args.seed, quick=args.quick,
+            device=args.device,
+        )
     total = time.perf_counter() - start
 
     plot_curves(runs, out / "curves.png")
+    if gpt_runs:
+        plot_transformer(gpt_runs, out / "transformer.png")
     if sweep is not None:
         plot_sweep(sweep, out / "sweep.png")
     (out / "results.json").write_text(json.dumps({
@@ -510,6 +630,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "hyperparameters": {"SINGD": SINGD_HP, "AdamW": ADAMW_HP, "SGD": SGD_HP},
         "runs": [asdict(r) for r in runs],
         "sweep": None if sweep is None else asdict(sweep),
+        "transformer": None if not gpt_runs else {
+            **gpt_info, "hyperparameters": {"SINGD": GPT_SINGD_HP, "AdamW": GPT_ADAMW_HP},
+            "runs": [asdict(r) for r in gpt_runs],
+        },
+        "total_seconds": total,
     }, indent=1))
 
     print()
@@ -520,11 +645,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"SINGD learning-rate sweep: {len(sweep.lrs)} runs in one vmapped run, "
               f"{sweep.wall_time:.1f} s")
         print(sweep_table(sweep))
+    if gpt_runs:
+        print()
+        print(f"Character transformer ({gpt_info['parameters']:,} parameters, "
+              f"{gpt_runs[0].steps[-1]} steps of 32 x 64 bytes; validation: the last 10 % of "
+              f"{gpt_info['train_bytes'] + gpt_info['val_bytes']:,} bytes of the standard "
+              "library's sources):")
+        print(gpt_table(gpt_runs))
     print()
     print(f"total time {total:.1f} s; results in {out}")
     print(f"  {out / 'curves.png'}")
     if sweep is not None:
         print(f"  {out / 'sweep.png'}")
+    if gpt_runs:
+        print(f"  {out / 'transformer.png'}")
     print(f"  {out / 'results.json'}")
     return 0
 

@@ -19,7 +19,8 @@ def test_help_lists_the_options(capsys):
         demo.parse_args(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--epochs", "--structures", "--device", "--out", "--seed", "--quick"):
+    for option in ("--epochs", "--structures", "--device", "--out", "--seed", "--quick",
+                   "--transformer-steps", "--transformer-structure"):
         assert option in out, option
 
 
@@ -52,6 +53,40 @@ def test_quick_run_writes_table_and_plots(tmp_path, capsys):
     assert runs["AdamW"]["state_bytes"] >= 8 * n_params
     assert len(results["sweep"]["lrs"]) == 8
 
+    # the character transformer: SINGD dense, SINGD block16diagonal, AdamW, same batches
+    gpt = {r["name"]: r for r in results["transformer"]["runs"]}
+    assert list(gpt) == ["SINGD (dense)", "SINGD (block16diagonal)", "AdamW"]
+    for r in gpt.values():
+        assert r["steps"][-1] == 10 and len(r["val_loss"]) == len(r["steps"]) >= 2
+        assert r["val_loss"][-1] < r["val_loss"][0] + 0.5
+    assert gpt["SINGD (dense)"]["state_bytes"] > gpt["SINGD (block16diagonal)"]["state_bytes"]
+    assert "Character transformer" in printed and "validation" in printed
+    data = (out / "transformer.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_transformer_part_can_be_skipped(tmp_path, capsys):
+    out = tmp_path / "results"
+    args = ["--epochs", "1", "--quick", "--out", str(out), "--structures", "diagonal",
+            "--sweep-size", "0", "--transformer-steps", "0"]
+    assert demo.main(args) == 0
+    assert "Character transformer" not in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["transformer"] is None
+    assert not (out / "transformer.png").exists()
+
+
+def test_transformer_drop_in_trains_every_parameter():
+    """SINGD takes the nn.Linear layers, AdamW exactly the rest (embeddings, norms)."""
+    from singd_functional.examples import chargpt
+
+    model = chargpt.make_model("nanogpt", 50, layers=1, width=16, context=8)
+    singd, adamw = demo.gpt_optimizers(model, "diagonal")
+    mine = [p for g in singd.param_groups for p in g["params"]]
+    rest = [p for g in adamw.param_groups for p in g["params"]]
+    assert len(mine) == 2 * 5  # weight and bias of qkv, proj, fc, out, head
+    assert {id(p) for p in mine}.isdisjoint(id(p) for p in rest)
+    assert len(mine) + len(rest) == len(list(model.parameters()))
+
 
 def test_same_seed_same_numbers():
     data = demo.load_digits(3, torch.device("cpu"), quick=True)
@@ -77,6 +112,8 @@ def test_sweep_members_are_independent_runs():
         (["--structures", "dense,nonsense"], "unknown structure 'nonsense'"),
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--device", "tpu"], "expected 'cpu', 'cuda' or 'cuda:N'"),
+        (["--transformer-steps", "-1"], "--transformer-steps must be >= 0"),
+        (["--transformer-structure", "tril"], "unknown structure 'tril'"),
     ],
 )
 def test_bad_options_are_explained(argv, message, capsys):
