@@ -6,6 +6,7 @@ initial weights) and steps through the same list of batches from :func:`batches`
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -99,17 +100,37 @@ SPECS = {
         "transformer", "Transformer block, seq 64, width 128, 4 heads, batch 16", 16,
         "batch+sequence",
     ),
+    # the character GPT of benchmarks/transformer_bench.py (issue: transformers)
+    "chargpt": ModelSpec(
+        "chargpt", "character GPT (nanoGPT-style), 2 blocks, width 64, context 64, batch 32, "
+        "standard-library text", 32, "batch+sequence",
+    ),
 }
+
+
+@functools.lru_cache(maxsize=1)
+def _corpus():
+    from singd_functional.examples import chargpt
+
+    return chargpt.load_corpus()
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
     """A fresh float32 model; the same ``seed`` gives the same weights."""
+    if name == "chargpt":
+        from singd_functional.examples import chargpt
+
+        return chargpt.make_model("nanogpt", len(_corpus().vocab), seed=seed)
     torch.manual_seed(seed)
     return {"mlp": MLP, "cnn": SmallCNN, "transformer": TransformerBlock}[name]()
 
 
 def batches(name: str, count: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` fixed (inputs, targets) batches of random data."""
+    if name == "chargpt":
+        from singd_functional.examples import chargpt
+
+        return chargpt.batch_stream(_corpus(), count, SPECS[name].batch, 64, seed)
     g = torch.Generator().manual_seed(seed)
     n = SPECS[name].batch
     out = []

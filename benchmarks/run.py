@@ -49,6 +49,8 @@ def plan(args) -> list[dict]:
             dict(model="cnn", T=1, methods=["singd"], structures=STRUCTURES, budget=20),
             dict(model="transformer", T=10, methods=["singd"], structures=STRUCTURES, budget=45),
             dict(model="transformer", T=1, methods=["singd"], structures=STRUCTURES, budget=20),
+            dict(model="chargpt", T=10, methods=["singd"], structures=STRUCTURES, budget=45),
+            dict(model="chargpt", T=1, methods=["singd"], structures=STRUCTURES, budget=20),
         ]
     out = []
     for g in groups:
