@@ -454,6 +454,7 @@ import time
 
 import optree
 
+import singd_functional as sf
 from singd_functional import SINGD, structures
 
 
@@ -463,7 +464,7 @@ def make_model():
 
 
 def state_bytes(opt):
-    leaves = optree.tree_leaves(list(opt.state.values()))
+    leaves = optree.tree_leaves(list(opt.state.values()), namespace=sf.PYTREE_NAMESPACE)
     return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
 
 

@@ -14,6 +14,7 @@ vmapped sweeps (``sweep.py``).
 """
 
 from . import structures
+from ._pytree import PYTREE_NAMESPACE
 from .capture import LayerCapture, make_capture
 from .combine import (
     GradientTransformation,
@@ -59,4 +60,5 @@ __all__ = [
     "grid",
     "Sweep",
     "SweepState",
+    "PYTREE_NAMESPACE",
 ]

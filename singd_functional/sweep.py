@@ -77,6 +77,7 @@ import torch
 import torch.utils._pytree as torch_pytree
 from torch import Tensor
 
+from ._pytree import PYTREE_NAMESPACE
 from .combine import GradientTransformation, apply_updates
 from .transform import HyperParams
 
@@ -88,13 +89,13 @@ def _tree_leaves(tree: Any) -> list:
     # torch.utils._pytree. Our containers are registered with both.
     if torch.compiler.is_compiling():
         return torch_pytree.tree_leaves(tree)
-    return optree.tree_leaves(tree, none_is_leaf=True)
+    return optree.tree_leaves(tree, none_is_leaf=True, namespace=PYTREE_NAMESPACE)
 
 
 def _tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
     if torch.compiler.is_compiling():
         return torch_pytree.tree_map(fn, tree, *rest)
-    return optree.tree_map(fn, tree, *rest, none_is_leaf=True)
+    return optree.tree_map(fn, tree, *rest, none_is_leaf=True, namespace=PYTREE_NAMESPACE)
 
 
 class SweepState(NamedTuple):
@@ -412,7 +413,9 @@ def make_sweep(
                 )
             n = size
             params = {k: v.unsqueeze(0).expand(n, *v.shape).clone() for k, v in params.items()}
-        opt_state = optree.tree_map(_contiguous, torch.func.vmap(tx.init)(params))
+        opt_state = optree.tree_map(
+            _contiguous, torch.func.vmap(tx.init)(params), namespace=PYTREE_NAMESPACE
+        )
         ref = next(iter(params.values()))
         hp = {k: v.to(ref.device) for k, v in member_hp.items()}
         diverged = torch.zeros(n, dtype=torch.bool, device=ref.device)
@@ -463,14 +466,19 @@ def make_sweep(
             # several times faster than vmap's own pytree handling), returns only the
             # tensors the step changed, and the mask is applied after it, on the
             # stacked tensors (a few ops over [N, ...] instead of batched ops per leaf).
-            leaves, spec = optree.tree_flatten((state.params, state.opt_state, state.hyperparams))
-            n_state = optree.tree_structure((state.params, state.opt_state)).num_leaves
+            leaves, spec = optree.tree_flatten(
+                (state.params, state.opt_state, state.hyperparams), namespace=PYTREE_NAMESPACE
+            )
+            structure = optree.tree_structure(
+                (state.params, state.opt_state), namespace=PYTREE_NAMESPACE
+            )
+            n_state = structure.num_leaves
             changed: list[bool] = []
 
             def flat(leaves, *batch):
                 params, opt_state, hp = optree.tree_unflatten(spec, leaves)
                 new = member_step(params, opt_state, hp, *batch, with_statistics=with_statistics)
-                new_leaves = optree.tree_leaves(new[:2])
+                new_leaves = optree.tree_leaves(new[:2], namespace=PYTREE_NAMESPACE)
                 changed[:] = [n is not o for n, o in zip(new_leaves, leaves)]
                 return [n for n, c in zip(new_leaves, changed) if c], new[2]
 
@@ -485,9 +493,7 @@ def make_sweep(
             else:
                 kept = iter([_where_members(ok, n, o) for n, o in zip(outs, olds)])
             new_leaves = [next(kept) if c else o for o, c in zip(leaves[:n_state], changed)]
-            params, opt_state = optree.tree_unflatten(
-                optree.tree_structure((state.params, state.opt_state)), new_leaves
-            )
+            params, opt_state = optree.tree_unflatten(structure, new_leaves)
             loss = torch.where(state.diverged, torch.full_like(loss, math.nan), loss)
             new = SweepState(params, opt_state, state.hyperparams, state.diverged | ~finite)
             return new, loss
