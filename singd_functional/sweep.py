@@ -79,7 +79,7 @@ from torch import Tensor
 
 from ._pytree import PYTREE_NAMESPACE
 from .combine import GradientTransformation, apply_updates
-from .transform import HyperParams
+from .hyperparams import HyperParams
 
 _FIELDS = HyperParams._fields
 
