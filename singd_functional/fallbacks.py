@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .combine import GradientTransformation, chain, require_params, unknown_extras
-from .hyperparams import Number, check_nonnegative, reader
+from .hyperparams import Number, reader
 
 _HYPER = frozenset({"hyperparams"})
 
@@ -74,7 +74,6 @@ def _check_velocity(updates, velocity: dict, params=None, exact: bool = False) -
 
 def add_decayed_weights(weight_decay: Number = 0.0) -> GradientTransformation:
     """``u <- u + weight_decay * w`` (L2 / decoupled weight decay, by its place in a chain)."""
-    check_nonnegative({"weight_decay": weight_decay})
     read = reader(weight_decay=weight_decay)
 
     def init(params):
@@ -101,7 +100,6 @@ class TraceState(NamedTuple):
 def trace(momentum: Number = 0.9, nesterov: bool = False) -> GradientTransformation:
     """Heavy-ball momentum: ``v <- momentum v + u``; returns ``v`` (Nesterov:
     ``u + momentum v``), as ``torch.optim.SGD``'s buffer (no dampening)."""
-    check_nonnegative({"momentum": momentum})
     read = reader(momentum=momentum)
 
     def init(params):
@@ -122,7 +120,6 @@ def trace(momentum: Number = 0.9, nesterov: bool = False) -> GradientTransformat
 
 def scale_by_learning_rate(lr: Number = 1e-3) -> GradientTransformation:
     """``u <- -lr u`` (the sign turns a descent direction into an update)."""
-    check_nonnegative({"lr": lr})
     read = reader(lr=lr)
 
     def init(params):
@@ -140,7 +137,6 @@ def scale_by_learning_rate(lr: Number = 1e-3) -> GradientTransformation:
 def clip_by_global_norm(max_norm: Number) -> GradientTransformation:
     """Rescale the updates so that their global L2 norm is at most ``max_norm``:
     ``u <- u * min(1, max_norm / (||u|| + 1e-12))``."""
-    check_nonnegative({"max_norm": max_norm})
     read = reader(max_norm=max_norm)
 
     def init(params):
@@ -193,8 +189,7 @@ def adamw(
     ``hyperparams=`` may set ``lr``, ``b1``, ``b2``, ``eps`` and ``weight_decay``.
     """
     b1, b2 = betas
-    check_nonnegative({"lr": lr, "b1": b1, "b2": b2, "eps": eps, "weight_decay": weight_decay})
-    read = reader(lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    read = reader(frozenset({"b1", "b2"}), lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
     def init(params):
         return AdamWState(

@@ -15,6 +15,7 @@ mapping ``label -> HyperParams`` to give each label its own values.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -51,11 +52,31 @@ _INDEX = {name: i for i, name in enumerate(FIELDS)}
 _REALS = (int, float)
 
 
-def check_nonnegative(values: Mapping[str, Any]) -> None:
-    """ValueError for a negative real number (tensors are checked by the sweep)."""
+def check_values(values: Mapping[str, Any], below_one: frozenset[str] = frozenset()) -> None:
+    """Each value a float or a 0-d tensor (``lr_cov`` also a callable); real numbers
+    finite, >= 0, and < 1 for the names in ``below_one``.
+
+    Tensor values are not read here (that would wait for the device); a sweep checks
+    its per-member values once, at :func:`~singd_functional.make_sweep`.
+    """
     for name, value in values.items():
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and value < 0:
+        if isinstance(value, Tensor):
+            if value.dim() != 0:
+                raise ValueError(
+                    f"{name} must be a float or a 0-d tensor, got shape {tuple(value.shape)} "
+                    "(one value per member is for sf.make_sweep)"
+                )
+            continue
+        if name == "lr_cov" and callable(value):
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a float or a 0-d tensor, got {value!r}")
+        if value != value or value in (math.inf, -math.inf):
+            raise ValueError(f"{name} must be finite, got {value}")
+        if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+        if name in below_one and value >= 1:
+            raise ValueError(f"{name} must be < 1, got {value}")
 
 
 def reject_foreign(hp: HyperParams, foreign: tuple[int, ...], names: frozenset[str]) -> None:
@@ -80,12 +101,16 @@ def restrict(hp: HyperParams, names: frozenset[str]) -> HyperParams:
     return hp
 
 
-def reader(**defaults: Any) -> Callable[[HyperParams | None], tuple]:
+def reader(
+    below_one: frozenset[str] = frozenset(), **defaults: Any
+) -> Callable[[HyperParams | None], tuple]:
     """``read(hp)``: the values of the fields named in ``defaults`` (in that order).
 
-    A field left None in ``hp`` keeps its default; a field outside ``defaults`` that
-    ``hp`` sets is a TypeError, a negative real number a ValueError.
+    The defaults are checked with :func:`check_values`. A field left None in ``hp``
+    keeps its default; a field outside ``defaults`` that ``hp`` sets is a TypeError;
+    a float that is negative, NaN or (for ``below_one``) >= 1 a ValueError.
     """
+    check_values(defaults, below_one)
     names = frozenset(defaults)
     slots = tuple(enumerate(_INDEX[name] for name in defaults))
     foreign = tuple(i for i, name in enumerate(FIELDS) if name not in names)
@@ -106,8 +131,11 @@ def reader(**defaults: Any) -> Callable[[HyperParams | None], tuple]:
         for j, i in slots:
             value = hp[i]
             if value is not None:
-                if value.__class__ in _REALS and value < 0:
-                    raise ValueError(f"{FIELDS[i]} must be >= 0, got {value}")
+                if value.__class__ in _REALS:
+                    if not value >= 0 or (value >= 1 and FIELDS[i] in below_one):
+                        check_values({FIELDS[i]: value}, below_one)  # raises, naming why
+                elif value.__class__ is str:
+                    check_values({FIELDS[i]: value})
                 out[j] = value
         return out
 

@@ -34,7 +34,7 @@ from .combine import (
 )
 from .factors import Factors, update_factors
 from .fallbacks import _check_velocity, _decayed, _heavy_ball, _scaled
-from .hyperparams import HyperParams, Number, check_nonnegative, reader, reject_foreign, restrict
+from .hyperparams import HyperParams, Number, reader, reject_foreign, restrict
 from .layers import LayerInfo
 from .precondition import (
     layer_gradient_matrix,
@@ -299,14 +299,11 @@ def scale_by_kronecker_factors(
         ``damping``, ``alpha1``, ``lr_cov``) and a :class:`KroneckerState`.
     """
     alpha1 = 0.0 if kfac_like else alpha1
-    check_nonnegative({"damping": damping, "alpha1": alpha1})
-    if not callable(lr_cov):
-        check_nonnegative({"lr_cov": lr_cov})
     kron = _kronecker(
         layers, alpha1, structures, kfac_approx, loss_average, kfac_like,
         normalize_lr_cov, preconditioner_dtype, cache_preconditioner,
     )  # fmt: skip
-    read = reader(damping=damping, alpha1=alpha1, lr_cov=lr_cov)
+    read = reader(frozenset({"alpha1"}), damping=damping, alpha1=alpha1, lr_cov=lr_cov)
 
     def update(
         updates,
@@ -401,17 +398,13 @@ def singd(
         declares), or ``{"singd": HyperParams(...), "fallback": HyperParams(...)}``.
     """
     alpha1 = 0.0 if kfac_like else alpha1
-    check_nonnegative(
-        {"lr": lr, "momentum": momentum, "damping": damping, "alpha1": alpha1,
-         "weight_decay": weight_decay, **({} if callable(lr_cov) else {"lr_cov": lr_cov})}
+    read = reader(
+        frozenset({"momentum", "alpha1"}), lr=lr, momentum=momentum, weight_decay=weight_decay,
+        damping=damping, alpha1=alpha1, lr_cov=lr_cov,
     )  # fmt: skip
     kron = _kronecker(
         layers, alpha1, structures, kfac_approx, loss_average, kfac_like,
         normalize_lr_cov, preconditioner_dtype, cache_preconditioner,
-    )  # fmt: skip
-    read = reader(
-        lr=lr, momentum=momentum, weight_decay=weight_decay,
-        damping=damping, alpha1=alpha1, lr_cov=lr_cov,
     )  # fmt: skip
     own_names = read.names
     layer_params = kron.layer_params

@@ -308,3 +308,30 @@ def test_state_flattens_in_the_package_namespace():
     plain = optree.tree_leaves(state)
     assert any(isinstance(x, sf.structures.StructuredMatrix) for x in plain)
     assert sf.PYTREE_NAMESPACE == "singd_functional"
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"lr": float("nan")}, ValueError, "lr must be finite"),
+    ({"lr": "0.01"}, TypeError, "lr must be a float or a 0-d tensor, got '0.01'"),
+    ({"lr": torch.tensor([0.1, 0.2])}, ValueError, "one value per member is for sf.make_sweep"),
+    ({"alpha1": 1.0}, ValueError, "alpha1 must be < 1"),
+    ({"momentum": 1.5}, ValueError, "momentum must be < 1"),
+    ({"damping": -1.0}, ValueError, "damping must be >= 0"),
+])
+def test_misuse_of_numbers_is_refused_when_built(kwargs, error, match):
+    _, layers, _, _, _ = setup()
+    with pytest.raises(error, match=match):
+        sf.singd(layers, **kwargs)
+
+
+def test_misuse_of_numbers_is_refused_per_call():
+    _, layers, params, capture, batches = setup()
+    _, grads, _ = capture(params, *batches[0])
+    tx = sf.singd(layers)
+    for hp, match in [(sf.HyperParams(lr=float("nan")), "lr must be finite"),
+                      (sf.HyperParams(alpha1=1.0), "alpha1 must be < 1"),
+                      (sf.HyperParams(lr="0.1"), "lr must be a float")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            tx.update(grads, tx.init(params), params, hyperparams=hp)
+    with pytest.raises(ValueError, match="b1 must be < 1"):
+        sf.adamw(betas=(1.0, 0.999))
