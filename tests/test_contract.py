@@ -335,3 +335,20 @@ def test_misuse_of_numbers_is_refused_per_call():
             tx.update(grads, tx.init(params), params, hyperparams=hp)
     with pytest.raises(ValueError, match="b1 must be < 1"):
         sf.adamw(betas=(1.0, 0.999))
+
+
+def test_a_sweep_per_label_gives_the_fallback_its_own_lr():
+    _, layers, params, capture, batches = setup()
+    tx = sf.singd(layers, lr=0.1, fallback=sf.adamw(lr=0.1))
+    g = sf.grid(lr=[0.01, 0.05])
+    hp = {"singd": g, "fallback": g._replace(lr=g.lr / 10)}
+    sweep = sf.make_sweep(tx, capture, hp)
+    state, _ = sweep.run(sweep.init(params), batches, T=2)
+    assert set(state.hyperparams) == {"singd", "fallback"}
+    for i in range(2):
+        member = {label: sf.HyperParams(lr=h.lr[i]) for label, h in hp.items()}
+        ref, _ = train(tx, capture, params, batches, member)
+        for k in params:
+            assert torch.allclose(state.params[k][i], ref[k], rtol=1e-12, atol=1e-15), (i, k)
+    with pytest.raises(ValueError, match="one length N"):
+        sf.make_sweep(tx, capture, {"singd": g, "fallback": sf.grid(lr=[0.1, 0.2, 0.3])})
