@@ -74,7 +74,7 @@ def _check_velocity(updates, velocity: dict, params=None, exact: bool = False) -
 
 def add_decayed_weights(weight_decay: Number = 0.0) -> GradientTransformation:
     """``u <- u + weight_decay * w`` (L2 / decoupled weight decay, by its place in a chain)."""
-    read = reader(weight_decay=weight_decay)
+    read, names = reader(weight_decay=weight_decay)
 
     def init(params):
         return ()
@@ -88,7 +88,7 @@ def add_decayed_weights(weight_decay: Number = 0.0) -> GradientTransformation:
         require_params(params, "add_decayed_weights")
         return _decayed(updates, params, wd, updates), state
 
-    return GradientTransformation(init, update, _HYPER, read.names)
+    return GradientTransformation(init, update, _HYPER, names)
 
 
 class TraceState(NamedTuple):
@@ -100,7 +100,7 @@ class TraceState(NamedTuple):
 def trace(momentum: Number = 0.9, nesterov: bool = False) -> GradientTransformation:
     """Heavy-ball momentum: ``v <- momentum v + u``; returns ``v`` (Nesterov:
     ``u + momentum v``), as ``torch.optim.SGD``'s buffer (no dampening)."""
-    read = reader(momentum=momentum)
+    read, names = reader(momentum=momentum)
 
     def init(params):
         return TraceState({k: torch.zeros_like(p) for k, p in params.items()})
@@ -115,12 +115,12 @@ def trace(momentum: Number = 0.9, nesterov: bool = False) -> GradientTransformat
             return _heavy_ball(updates, v, m), TraceState(v)
         return v, TraceState(v)
 
-    return GradientTransformation(init, update, _HYPER, read.names)
+    return GradientTransformation(init, update, _HYPER, names)
 
 
 def scale_by_learning_rate(lr: Number = 1e-3) -> GradientTransformation:
     """``u <- -lr u`` (the sign turns a descent direction into an update)."""
-    read = reader(lr=lr)
+    read, names = reader(lr=lr)
 
     def init(params):
         return ()
@@ -131,13 +131,13 @@ def scale_by_learning_rate(lr: Number = 1e-3) -> GradientTransformation:
         (rate,) = read(hyperparams)
         return _scaled(updates, rate), state
 
-    return GradientTransformation(init, update, _HYPER, read.names)
+    return GradientTransformation(init, update, _HYPER, names)
 
 
 def clip_by_global_norm(max_norm: Number) -> GradientTransformation:
     """Rescale the updates so that their global L2 norm is at most ``max_norm``:
     ``u <- u * min(1, max_norm / (||u|| + 1e-12))``."""
-    read = reader(max_norm=max_norm)
+    read, names = reader(max_norm=max_norm)
 
     def init(params):
         return ()
@@ -151,7 +151,7 @@ def clip_by_global_norm(max_norm: Number) -> GradientTransformation:
         factor = torch.clamp(c / (norm + 1e-12), max=1.0)
         return {k: u * factor.to(u.dtype) for k, u in updates.items()}, state
 
-    return GradientTransformation(init, update, _HYPER, read.names)
+    return GradientTransformation(init, update, _HYPER, names)
 
 
 def sgd(
@@ -189,7 +189,9 @@ def adamw(
     ``hyperparams=`` may set ``lr``, ``b1``, ``b2``, ``eps`` and ``weight_decay``.
     """
     b1, b2 = betas
-    read = reader(frozenset({"b1", "b2"}), lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    read, names = reader(
+        frozenset({"b1", "b2"}), lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay
+    )
 
     def init(params):
         return AdamWState(
@@ -215,4 +217,4 @@ def adamw(
         }
         return out, AdamWState(t, mu, nu)
 
-    return GradientTransformation(init, update, _HYPER, read.names)
+    return GradientTransformation(init, update, _HYPER, names)

@@ -103,8 +103,9 @@ def restrict(hp: HyperParams, names: frozenset[str]) -> HyperParams:
 
 def reader(
     below_one: frozenset[str] = frozenset(), **defaults: Any
-) -> Callable[[HyperParams | None], tuple]:
-    """``read(hp)``: the values of the fields named in ``defaults`` (in that order).
+) -> tuple[Callable[[HyperParams | None], tuple | list], frozenset[str]]:
+    """``(read, names)``: ``read(hp)`` gives the values of the fields named in
+    ``defaults`` (in that order); ``names`` are those fields.
 
     The defaults are checked with :func:`check_values`. A field left None in ``hp``
     keeps its default; a field outside ``defaults`` that ``hp`` sets is a TypeError;
@@ -139,5 +140,4 @@ def reader(
                 out[j] = value
         return out
 
-    read.names = names  # type: ignore[attr-defined]
-    return read
+    return read, names

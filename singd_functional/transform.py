@@ -108,7 +108,9 @@ def _check_loss_average(loss_average) -> None:
     )
 
 
-def resolve_structures(layers, structures) -> dict[str, tuple[type, type]]:
+def resolve_structures(
+    layers, structures
+) -> dict[str, tuple[type[StructuredMatrix], type[StructuredMatrix]]]:
     """Per layer name, the structure types of (K, C).
 
     ``structures`` is a pair of names for every layer, or a mapping from layer name to
@@ -303,7 +305,7 @@ def scale_by_kronecker_factors(
         layers, alpha1, structures, kfac_approx, loss_average, kfac_like,
         normalize_lr_cov, preconditioner_dtype, cache_preconditioner,
     )  # fmt: skip
-    read = reader(frozenset({"alpha1"}), damping=damping, alpha1=alpha1, lr_cov=lr_cov)
+    read, names = reader(frozenset({"alpha1"}), damping=damping, alpha1=alpha1, lr_cov=lr_cov)
 
     def update(
         updates,
@@ -322,7 +324,7 @@ def scale_by_kronecker_factors(
         _alpha1_check(kron.keeps_momenta, alpha1, a1)
         return kron.step(updates, state, updates, captures, statistics, grad_scale, lam, a1, beta)
 
-    return GradientTransformation(kron.init, update, _KRON_EXTRAS, read.names)
+    return GradientTransformation(kron.init, update, _KRON_EXTRAS, names)
 
 
 def singd(
@@ -398,7 +400,7 @@ def singd(
         declares), or ``{"singd": HyperParams(...), "fallback": HyperParams(...)}``.
     """
     alpha1 = 0.0 if kfac_like else alpha1
-    read = reader(
+    read, own_names = reader(
         frozenset({"momentum", "alpha1"}), lr=lr, momentum=momentum, weight_decay=weight_decay,
         damping=damping, alpha1=alpha1, lr_cov=lr_cov,
     )  # fmt: skip
@@ -406,7 +408,6 @@ def singd(
         layers, alpha1, structures, kfac_approx, loss_average, kfac_like,
         normalize_lr_cov, preconditioner_dtype, cache_preconditioner,
     )  # fmt: skip
-    own_names = read.names
     layer_params = kron.layer_params
     extras = _KRON_EXTRAS | (fallback.extras if fallback is not None else frozenset())
     names = own_names | (fallback.hyperparams if fallback is not None else frozenset())
@@ -446,6 +447,14 @@ def singd(
         reject_foreign(hyperparams, foreign, names)
         return restrict(hyperparams, own_names), restrict(hyperparams, fallback.hyperparams)
 
+    def _update_fallback(grads, fb_state, params, grad_scale, kw):
+        """The fallback's step on the other parameters, with the gradients unscaled."""
+        others = [key for key in grads if key not in layer_params]
+        scaled = not (isinstance(grad_scale, (int, float)) and grad_scale == 1)
+        sub = {key: grads[key] / grad_scale if scaled else grads[key] for key in others}
+        kw = {n: v for n, v in kw.items() if n in fallback.extras}
+        return fallback.update(sub, fb_state, {key: params[key] for key in others}, **kw)
+
     def update(
         grads: Mapping[str, Tensor],
         state: SINGDState,
@@ -457,13 +466,16 @@ def singd(
         hyperparams: HyperParams | Mapping[str, HyperParams] | None = None,
         **unexpected: Any,
     ):
-        if unexpected:
+        # `unexpected` holds the fallback's own extras, or typos
+        if unexpected and (fallback is None or not fallback.extras.issuperset(unexpected)):
             raise unknown_extras(unexpected, extras, "singd(...).update")
         require_params(params, "singd")
         warn_if_tracked(params)
-        hp, hp_fallback = hyperparams, None
+        hp: HyperParams | None
         if fallback is not None or isinstance(hyperparams, Mapping):
             hp, hp_fallback = _split_hyperparams(hyperparams)
+        else:
+            hp, hp_fallback = hyperparams, None
         rate, mom, wd, lam, a1, beta = read(hp)
         _alpha1_check(kron.keeps_momenta, alpha1, a1)
         velocity = state.velocity
@@ -473,20 +485,12 @@ def singd(
         updates = _scaled(velocity, rate)
         fb_state = state.fallback
         if fallback is not None:
-            fb_updates, fb_state = _update_fallback(grads, fb_state, params, grad_scale, extras_of(
-                captures=captures, statistics=statistics, hyperparams=hp_fallback
-            ))
+            kw = {"captures": captures, "statistics": statistics, "hyperparams": hp_fallback}
+            fb_updates, fb_state = _update_fallback(
+                grads, fb_state, params, grad_scale, {**kw, **unexpected}
+            )
             updates.update(fb_updates)
         return updates, SINGDState(k.count, k.factors, k.momenta, velocity, fb_state, k.products)
-
-    def extras_of(**given):
-        return {n: v for n, v in given.items() if n in fallback.extras}
-
-    def _update_fallback(grads, fb_state, params, grad_scale, kw):
-        others = [key for key in grads if key not in layer_params]
-        scaled = not (isinstance(grad_scale, (int, float)) and grad_scale == 1)
-        sub = {key: grads[key] / grad_scale if scaled else grads[key] for key in others}
-        return fallback.update(sub, fb_state, {key: params[key] for key in others}, **kw)
 
     if fallback is not None:
         takes_labels(update)

@@ -352,3 +352,24 @@ def test_a_sweep_per_label_gives_the_fallback_its_own_lr():
             assert torch.allclose(state.params[k][i], ref[k], rtol=1e-12, atol=1e-15), (i, k)
     with pytest.raises(ValueError, match="one length N"):
         sf.make_sweep(tx, capture, {"singd": g, "fallback": sf.grid(lr=[0.1, 0.2, 0.3])})
+
+
+def test_the_fallback_gets_its_own_extras_and_unscaled_gradients():
+    seen = []
+
+    def update(updates, state, params=None, *, note=None):
+        seen.append((note, {k: u.clone() for k, u in updates.items()}))
+        return {k: torch.zeros_like(u) for k, u in updates.items()}, state
+
+    mine = sf.GradientTransformation(lambda params: (), update, frozenset({"note"}))
+    _, layers, params, capture, batches = setup()
+    tx = sf.singd(layers, fallback=mine)
+    assert "note" in tx.extras
+    _, grads, caps = capture(params, *batches[0])
+    tx.update(grads, tx.init(params), params, captures=caps, note="x", grad_scale=4.0)
+    (note, got), = seen
+    assert note == "x" and set(got) == set(LN)
+    for k in LN:
+        assert torch.equal(got[k], grads[k] / 4.0)
+    with pytest.raises(TypeError, match="did you mean `note`"):
+        tx.update(grads, tx.init(params), params, nose="x")
