@@ -32,7 +32,7 @@ from . import structures as _structures
 from .capture import LayerCapture
 from .combine import GradientTransformation
 from .factors import Factors
-from .layers import SUPPORTED, LayerInfo, describe
+from .layers import LayerInfo, kind_of_module
 from .precondition import outer_products
 from .statistics import LayerStatistics, accumulate, layer_statistics
 from .transform import HyperParams, SINGDState, singd
@@ -277,7 +277,7 @@ class SINGD(torch.optim.Optimizer):
                     f"layer {name!r}: its weight is shared with another supported layer; "
                     "SINGD needs one layer per weight (call one module several times instead)"
                 )
-            layers.append(describe(name, mod, keys))
+            layers.append(kind_of_module(mod).describe(name, mod, keys))
         layers = tuple(layers)
 
         params = {keys[id(p)]: p for p in group["params"]}
@@ -675,7 +675,7 @@ def _locked(group: dict) -> tuple:
 def _supported_modules(model: nn.Module):
     """(name, module) of every module the core supports (layers.find_layers' rule)."""
     for name, mod in model.named_modules():
-        if type(mod) in SUPPORTED and isinstance(mod.weight, Tensor):
+        if kind_of_module(mod) is not None and isinstance(getattr(mod, "weight", None), Tensor):
             yield name, mod
 
 
