@@ -21,11 +21,12 @@ received and the gradient of its output). When a subclass computes something els
 register it: ``register_layer_kind(MyLinear, my_kind)``, or
 ``register_layer_kind(MyLinear, None)`` to leave it (and its subclasses) out.
 
-Each parameter belongs to at most one layer. The first module in ``named_modules()``
-order whose kind claims a parameter owns it, so a kind of a container module (e.g.
-``nn.MultiheadAttention``, which owns ``out_proj.weight``) takes precedence over the
-kinds of its submodules. Two unrelated modules sharing a weight (weight tying) are an
-error unless a kind says how to handle it.
+A module with a kind speaks for its whole subtree: the modules below it are not
+visited, so a kind of a container module (``nn.MultiheadAttention``, which reads
+``out_proj.weight`` without calling ``out_proj``) owns its submodules' parameters;
+:data:`OPAQUE` marks a module whose subtree is not preconditioned at all. Each
+parameter belongs to at most one layer: two modules sharing a weight (weight tying)
+are an error unless a kind says how to handle it.
 """
 
 from __future__ import annotations
@@ -255,13 +256,29 @@ def _conv_rows(info: LayerInfo, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     return _patches(info, x).transpose(1, 2), g.flatten(2).transpose(1, 2)
 
 
+def _no_layer(name: str, mod: nn.Module, param_keys: Mapping[int, str]) -> None:
+    return None
+
+
+def _no_rows(info: LayerInfo, x: Tensor, g: Tensor):
+    raise TypeError(f"layer {info.name!r}: an opaque module has no rows")
+
+
 LINEAR = LayerKind("linear", _describe_linear, _linear_rows)
 CONV1D = LayerKind("conv1d", _describe_conv("conv1d"), _conv_rows)
 CONV2D = LayerKind("conv2d", _describe_conv("conv2d"), _conv_rows)
 
+#: A module that is not preconditioned, nor is anything below it (its parameters
+#: fall back). ``nn.MultiheadAttention`` is opaque until a kind preconditions it: it
+#: never calls its ``out_proj`` module (it reads ``out_proj.weight`` directly), so
+#: ``out_proj`` is no layer call that hooks or fx could capture.
+OPAQUE = LayerKind("opaque", _no_layer, _no_rows)
+
 # ------------------------------------------------------------------------ registry
-_BY_TYPE: dict[type, LayerKind | None] = {nn.Linear: LINEAR, nn.Conv1d: CONV1D, nn.Conv2d: CONV2D}
-_BY_NAME: dict[str, LayerKind] = {k.name: k for k in (LINEAR, CONV1D, CONV2D)}
+_BY_TYPE: dict[type, LayerKind | None] = {
+    nn.Linear: LINEAR, nn.Conv1d: CONV1D, nn.Conv2d: CONV2D, nn.MultiheadAttention: OPAQUE,
+}
+_BY_NAME: dict[str, LayerKind] = {k.name: k for k in (LINEAR, CONV1D, CONV2D, OPAQUE)}
 
 
 class Registration:
@@ -339,33 +356,33 @@ def module_layers(model: nn.Module, param_keys: Mapping[int, str]):
     """``(module path, module, LayerInfo)`` of every layer of ``model`` under the rule.
 
     ``param_keys`` maps ``id(parameter)`` to its key for the parameters that may be
-    trained. A parameter is owned by the first layer (``named_modules()`` order) that
-    claims it; a later claim from a submodule of the owner's module is dropped, any
-    other later claim (two modules sharing one weight) is a ValueError.
+    trained. A module with a kind speaks for its whole subtree: the modules below it
+    are not visited (``nn.MultiheadAttention``'s kind owns ``out_proj``). A parameter
+    claimed by two layers (weight tying across modules) is a ValueError.
     """
-    owner: dict[str, str] = {}  # parameter key -> site of the layer that owns it
+    owner: dict[str, str] = {}  # parameter key -> name of the layer that owns it
+    covered: list[str] = []  # paths of modules with a kind (their subtrees are theirs)
     for path, mod in model.named_modules():
+        if any(path.startswith(c + ".") or c == "" for c in covered):
+            continue
         kind = kind_of_module(mod)
         if kind is None:
             continue
+        covered.append(path)
         found = kind.describe(path, mod, param_keys)
         if found is None:
             continue
         for info in (found,) if isinstance(found, LayerInfo) else tuple(found):
-            claimed = [owner[k] for k in info.params if k in owner]
-            if claimed:
-                site = claimed[0]
-                if all(c == site for c in claimed) and (site == "" or path.startswith(site + ".")):
-                    continue  # the container's kind owns this submodule's parameters
+            shared = [k for k in info.params if k in owner]
+            if shared:
                 raise ValueError(
-                    f"layer {info.name!r} ({info.kind}) shares parameters "
-                    f"{[k for k in info.params if k in owner]} with the layer at {site!r}; "
-                    "SINGD needs one layer per weight: call one module several times "
-                    "instead of tying weights, or leave one of them out (pass `params` "
-                    "without it)"
+                    f"layer {info.name!r} ({info.kind}) shares parameters {shared} with layer "
+                    f"{owner[shared[0]]!r}; SINGD needs one layer per weight: call one module "
+                    "several times instead of tying weights, or leave one of them out "
+                    "(pass `params` without it)"
                 )
             for k in info.params:
-                owner[k] = info.site
+                owner[k] = info.name
             yield path, mod, info
 
 
@@ -432,6 +449,7 @@ def summary(layers) -> str:
 __all__ = [
     "LayerInfo",
     "LayerKind",
+    "OPAQUE",
     "Registration",
     "describe",
     "find_layers",

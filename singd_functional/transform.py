@@ -250,10 +250,11 @@ def singd(
         missing = [info.name for info in layers if info.name not in captures]
         if missing:
             raise ValueError(
-                f"captures are missing layers {missing}: each layer in `layers` must be "
-                "called in the forward pass. Drop unused layers from `layers` (e.g. "
-                "`[l for l in layers if l.name != ...]`) or pass captures=None to skip "
-                "the factor update this step"
+                f"captures are missing layers {missing}: the forward pass did not call "
+                "their modules (a capture sees a layer when its module is called; a weight "
+                "used directly, as in F.linear(x, m.weight), is not seen). Call the module, "
+                "or leave a layer that this forward really never uses out of `layers`; "
+                "captures=None skips the factor update this step"
             )
         return {
             info.name: layer_statistics(
