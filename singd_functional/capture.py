@@ -233,27 +233,32 @@ def _proxy_leaf(fn):
 
 @contextmanager
 def _traceable_torch_nn():
-    """What lets fx trace through the stock transformer blocks, for the trace only.
+    """What lets fx trace through the stock transformer modules, for the trace only.
 
-    The one place with private torch names: ``nn.TransformerEncoderLayer`` /
-    ``DecoderLayer`` canonicalise their masks with ``F._canonical_mask`` and
-    ``F._none_or_dtype``, which check ``isinstance(mask, Tensor)`` and so fail on a
-    proxy; they become single call nodes. The MHA fast path is switched off while
-    tracing: its eligibility test branches on tensor properties, and training with
-    gradients never takes it, so the traced program is the path training runs.
+    The one place with private torch names. ``nn.TransformerEncoder``/``Decoder`` and
+    their layers canonicalise masks with ``F._canonical_mask`` / ``F._none_or_dtype``
+    (which check ``isinstance(mask, Tensor)``, false for a proxy) and read the sequence
+    length and causality with ``_get_seq_len`` / ``_detect_is_causal_mask`` (which
+    branch on tensor properties): each becomes one call node of the traced program,
+    run on the real tensors. The MHA fast path is switched off while tracing: its
+    eligibility test branches on tensor properties, and training with gradients never
+    takes it, so the traced program is the path training runs.
     """
-    names = ("_canonical_mask", "_none_or_dtype")
-    originals = {n: getattr(F, n) for n in names if hasattr(F, n)}
+    from torch.nn.modules import transformer
+
+    patched = [(F, "_canonical_mask"), (F, "_none_or_dtype"),
+               (transformer, "_get_seq_len"), (transformer, "_detect_is_causal_mask")]
+    originals = [(m, n, getattr(m, n)) for m, n in patched if hasattr(m, n)]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
-        for n, fn in originals.items():
-            setattr(F, n, _proxy_leaf(fn))
+        for m, n, fn in originals:
+            setattr(m, n, _proxy_leaf(fn))
         torch.backends.mha.set_fastpath_enabled(False)
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        for n, fn in originals.items():
-            setattr(F, n, fn)
+        for m, n, fn in originals:
+            setattr(m, n, fn)
 
 
 def _kind_call(infos: tuple[LayerInfo, ...]):

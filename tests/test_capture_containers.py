@@ -4,8 +4,9 @@
   ``linear1``/``linear2`` (fx's default leaf rule stopped at the block), and its
   capture equals the hook capture exactly; a compiled step (``fullgraph=True``) equals
   the eager step;
-- stock ``nn.TransformerEncoder`` cannot be traced: ``method="fx"`` raises a clear
-  error, ``"auto"`` warns once, runs hooks, and its captures are exact;
+- stock ``nn.TransformerEncoder`` and ``nn.TransformerDecoder`` are traced the same;
+  stock ``nn.Transformer`` cannot be: ``method="fx"`` raises a clear error, ``"auto"``
+  warns once, runs hooks, and its captures are exact;
 - a kind with its own ``forward`` (two raw projection weights inside one module call)
   is captured through its taps with hooks, with fx and compiled, and trains exactly
   like the equal ``nn.Linear`` model (float64, 1e-10);
@@ -51,7 +52,7 @@ class GPT(nn.Module):
 
 
 class StockEncoder(nn.Module):
-    """The same through stock ``nn.TransformerEncoder`` (whose forward fx cannot trace)."""
+    """The same through stock ``nn.TransformerEncoder``."""
 
     def __init__(self):
         super().__init__()
@@ -63,6 +64,40 @@ class StockEncoder(nn.Module):
 
     def forward(self, tokens):
         return self.head(self.encoder(self.embed(tokens), mask=self.mask, is_causal=True))
+
+
+class StockDecoder(nn.Module):
+    """Stock ``nn.TransformerDecoder`` over a fixed memory, sequence-first."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        layer = nn.TransformerDecoderLayer(WIDTH, 2, 2 * WIDTH, dropout=0.0, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, 2)
+        self.head = nn.Linear(WIDTH, VOCAB)
+        self.memory = nn.Parameter(torch.randn(3, 1, WIDTH))
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(CONTEXT))
+
+    def forward(self, tokens):
+        h = self.embed(tokens).transpose(0, 1)  # [S, N, d]
+        memory = self.memory.expand(-1, tokens.shape[0], -1)
+        out = self.decoder(h, memory, tgt_mask=self.mask, tgt_is_causal=True)
+        return self.head(out.transpose(0, 1))
+
+
+class FullTransformer(nn.Module):
+    """Stock ``nn.Transformer``: its forward branches on tensor sizes (fx cannot trace)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.transformer = nn.Transformer(WIDTH, 2, 1, 1, 2 * WIDTH, dropout=0.0,
+                                          batch_first=True)
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        return self.head(self.transformer(h, h))
 
 
 def lm_loss(logits, targets):
@@ -87,13 +122,22 @@ def assert_same_capture(a, b):
             assert torch.equal(u, v), name
 
 
-def test_fx_traces_through_transformer_encoder_layers():
+FF = [f"{b}.linear{j}" for b in ("blocks.0", "blocks.1") for j in (1, 2)]
+MODELS = {
+    "blocks": (GPT, FF),
+    "encoder": (StockEncoder, [n.replace("blocks", "encoder.layers") for n in FF]),
+    "decoder": (StockDecoder, [n.replace("blocks", "decoder.layers") for n in FF]),
+}
+
+
+@pytest.mark.parametrize("case", list(MODELS))
+def test_fx_traces_through_transformer_modules(case):
+    make, feed_forward = MODELS[case]
     torch.manual_seed(0)
-    model = GPT().double()
+    model = make().double()
     layers = sf.find_layers(model)
     names = [info.name for info in layers]
-    assert names == ["blocks.0.linear1", "blocks.0.linear2", "blocks.1.linear1",
-                     "blocks.1.linear2", "head"]
+    assert names == [*feed_forward, "head"]
     fx = sf.make_capture(model, lm_loss, layers, method="fx")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # auto traces it: no fallback warning
@@ -112,14 +156,13 @@ def test_fx_traces_through_transformer_encoder_layers():
         assert torch.allclose(a[1][k], p.grad, rtol=1e-12, atol=1e-14), k
 
 
-def test_stock_transformer_encoder_falls_back_with_one_warning():
+def test_untraceable_transformer_falls_back_with_one_warning():
     torch.manual_seed(0)
-    model = StockEncoder().double()
+    model = FullTransformer().double()
     layers = sf.find_layers(model)
-    assert {i.name for i in layers} == {f"encoder.layers.{b}.linear{j}" for b in (0, 1)
-                                       for j in (1, 2)} | {"head"}
-    with pytest.raises(ValueError, match=r"method='fx': torch.fx could not trace StockEncoder "
-                                         r".*Use method='hooks'"):
+    assert len(layers) == 2 * 2 + 1  # encoder and decoder feed-forward layers, head
+    with pytest.raises(ValueError, match=r"method='fx': torch.fx could not trace "
+                                         r"FullTransformer .*Use method='hooks'"):
         sf.make_capture(model, lm_loss, layers, method="fx")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
