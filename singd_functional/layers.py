@@ -313,6 +313,9 @@ def register_layer_kind(module_type: type, kind: LayerKind | None) -> Registrati
     Returns:
         A :class:`Registration`; ``.remove()`` or ``with register_layer_kind(...):``
         restores the previous entry. Applies to models described after the call.
+        Kind names are unique among the registered kinds; a removed kind's name stays
+        readable by :func:`layer_kind` (layers described before) until another kind of
+        that name is registered.
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
@@ -320,7 +323,7 @@ def register_layer_kind(module_type: type, kind: LayerKind | None) -> Registrati
         if not isinstance(kind, LayerKind):
             raise TypeError(f"kind must be a LayerKind or None, got {type(kind).__name__}")
         known = _BY_NAME.get(kind.name)
-        if known is not None and known is not kind:
+        if known is not None and known is not kind and known in _BY_TYPE.values():
             raise ValueError(
                 f"a different layer kind named {kind.name!r} is registered already; give "
                 "yours another name (LayerKind(name=...)), or reuse the registered one"

@@ -342,3 +342,22 @@ def test_compiled_gpt_step_fullgraph_equals_eager():
         K, K_c = s_e.factors[info.name].K, s_c.factors[info.name].K
         assert not torch.equal(K.to_dense(), torch.eye(info.d_K, dtype=K.dtype))
         assert torch.allclose(K_c.to_dense(), K.to_dense(), rtol=1e-10, atol=1e-12)
+
+
+def test_kind_forward_taps_under_vmap(two_kind):
+    """Two parameter sets vmapped through the tapped forward equal a loop over them."""
+    model = two_model()
+    layers = sf.find_layers(model)
+    capture = sf.make_capture(model, F.cross_entropy, layers, method="hooks")
+    base = {k: v.detach() for k, v in model.named_parameters()}
+    stacked = {k: torch.stack([v, v * 1.5]) for k, v in base.items()}
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    loss, grads, caps = torch.func.vmap(lambda p: capture(p, x, y))(stacked)
+    for i in range(2):
+        one = capture({k: v[i] for k, v in stacked.items()}, x, y)
+        assert torch.allclose(loss[i], one[0], rtol=1e-12)
+        for name in ("core.inner", "core.outer"):
+            for u, v in zip(caps[name].output_grads, one[2][name].output_grads):
+                assert torch.allclose(u[i], v, rtol=1e-12, atol=1e-15), name
+        assert torch.allclose(grads["core.w_in"][i], one[1]["core.w_in"], rtol=1e-12)

@@ -272,3 +272,101 @@ def test_describe_lists_what_is_preconditioned():
                                 "0.bias"]
     assert lines[3].split() == ["2", "conv1d", "18", "2", "dense", "dense", "2.weight"]
     assert summary(layers) == "2 preconditioned layers (1 linear, 1 conv1d), 66 parameters"
+
+
+# ------------------------------------------- a kind's own statistic and structure
+class Lookup(nn.Module):
+    """An embedding table ``z = W[ids]``: ``z = W^T onehot(ids)``, W stored [vocab, dim]."""
+
+    def __init__(self, vocab=7, dim=4):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(vocab, dim))
+
+    def forward(self, ids):
+        return self.weight[ids]
+
+
+def _describe_lookup(kind_name):
+    def describe(name, mod, param_keys):
+        weight = param_keys.get(id(mod.weight))
+        vocab, dim = mod.weight.shape
+        return None if weight is None else LayerInfo(name, kind_name, weight, None, vocab, dim)
+
+    return describe
+
+
+def _one_hot_rows(info, ids, g):
+    a = F.one_hot(ids, info.d_in).to(g.dtype)
+    return a.reshape(ids.shape[0], -1, info.d_in), g.reshape(ids.shape[0], -1, info.d_out)
+
+
+def _count_statistics(info, K, C, capture, *, kfac_approx, loss_average, grad_scale):
+    """H_K from token counts (A is diagonal: no one-hot rows); H_C as the default."""
+    from singd_functional.statistics import LayerStatistics, loss_scale
+
+    assert kfac_approx == "expand" and K.name == "diagonal"
+    ids = torch.cat([x.reshape(-1) for x in capture.inputs])
+    counts = torch.bincount(ids, minlength=info.d_in).to(K.dtype)
+    H_K = type(K)(K.values**2 * counts / ids.numel())
+    g = torch.cat([g.reshape(-1, info.d_out) for g in capture.output_grads]).to(C.dtype)
+    N = capture.inputs[0].shape[0]
+    S = ids.numel() // N
+    H_C = C.project_inner(g.mT).scale(loss_scale(loss_average, N, S) / grad_scale**2)
+    return LayerStatistics(H_K, H_C)
+
+
+def _lookup_kind(name, statistics):
+    return sf.LayerKind(name, _describe_lookup(name), _one_hot_rows,
+                        weight_matrix=lambda info, W: W.T,
+                        weight_from_matrix=lambda info, M, W: M.T,
+                        statistics=statistics, structures=("diagonal", None))
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lookup = Lookup()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.lookup(ids))).mean(1)
+
+
+@pytest.mark.parametrize("method", ["hooks", "fx"])
+def test_kind_statistics_and_forced_structure(method):
+    """A kind's own statistic (token counts) equals the rows-based one; its K is forced."""
+
+    def run(kind):
+        with sf.register_layer_kind(Lookup, kind):
+            torch.manual_seed(0)
+            model = Tokens().double()
+            layers = sf.find_layers(model)
+            assert layers[0].kind == kind.name
+            capture = sf.make_capture(model, F.cross_entropy, layers, method=method)
+            tx = sf.singd(layers, structures=("dense", "dense"), **HP)
+            params = {k: v.detach().clone() for k, v in model.named_parameters()}
+            state = tx.init(params)
+            g = torch.Generator().manual_seed(2)
+            for _ in range(4):
+                ids = torch.randint(0, 7, (5, 6), generator=g)
+                y = torch.randint(0, 3, (5,), generator=g)
+                _, grads, caps = capture(params, ids, y)
+                updates, state = tx.update(grads, state, params, captures=caps)
+                params = sf.apply_updates(params, updates)
+            return params, state
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return _count_statistics(*args, **kwargs)
+
+    rows_params, rows_state = run(_lookup_kind("lookup_rows", None))
+    count_params, count_state = run(_lookup_kind("lookup_counts", counting))
+    assert len(calls) == 4  # the kind's statistic was used, once per step
+    assert rows_state.factors["lookup"].K.name == "diagonal"  # forced over ("dense", ...)
+    assert rows_state.factors["lookup"].C.name == "dense"
+    assert_close(count_params, rows_params, tol=1e-12)
+    K_rows, K_counts = rows_state.factors["lookup"].K, count_state.factors["lookup"].K
+    assert torch.allclose(K_counts.to_dense(), K_rows.to_dense(), rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(K_rows.to_dense(), torch.eye(7, dtype=torch.float64))
