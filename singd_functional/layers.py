@@ -150,11 +150,16 @@ class LayerKind:
         forward: None, or ``forward(module, infos, tap, args, kwargs) -> output`` for
             modules whose layers are not "the module's input -> the module's output"
             (attention: projections inside one call). It computes the module's output
-            and routes each layer's linear map through ``tap(layer_name, a, z) -> z``
-            (``a`` the layer input as ``rows`` expects it, ``z`` its output; use the
-            returned tensor). Capture (hooks and fx) and the drop-in call it instead
-            of ``module.forward`` for the modules of this kind; with None they record
-            ``args[0]`` and perturb the module output.
+            (the same values as ``module(*args, **kwargs)``) and routes the linear map
+            of each layer in ``infos`` through ``tap(layer_name, a, z) -> z`` (``a`` the
+            layer input as ``rows`` expects it, ``z`` its output; use the returned
+            tensor), once per layer per call. ``infos`` are the layers being captured,
+            possibly a subset of what ``describe`` gave (a tap of another name passes
+            ``z`` through). The pure capture calls it instead of ``module.forward``
+            (hooks: the instance's ``forward`` is shadowed for the call; fx: the module
+            call node becomes a call of it); the drop-in calls it from a forward hook
+            on recording steps and uses its output (the module's own is dropped). With
+            None, capture records ``args[0]`` and perturbs the module's output.
     """
 
     name: str
