@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from . import _options
 from .combine import GradientTransformation
 from .factors import Factors
 from .layers import LayerInfo, layer_kind, module_layers
@@ -83,11 +84,9 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
     """The layers of param group ``index``, their initial state and their hooks."""
     from ._recording import CaptureHook, KindHook  # the hooks record into these records
 
-    T = group["T"]
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"param group {index}: T must be a positive int, got {T!r}")
-    for entry in ("structures", "preconditioner_dtype"):
-        group[entry] = tuple(group[entry]) if group[entry] is not None else (None, None)
+    for entry, what in (("structures", "structure name"), ("preconditioner_dtype", "dtype")):
+        group[entry] = _options.pair(group[entry], entry, what)
+    _options.check_group(f"param group {index}", group, host_tensors=True)
     model = optimizer.model
     names = {id(p): k for k, p in model.named_parameters()}
     owner = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
@@ -176,15 +175,7 @@ def store_factors(state: dict, factors: Factors, momenta: Factors | None) -> Non
 def follow_params(optimizer, layer: Layer) -> dict:
     """The layer's state, re-cast if the model was moved or cast since it was made."""
     group, grp = optimizer.param_groups[layer.group], optimizer._groups[layer.group]
-    w = grp.weight(layer)
-    if _parameter(optimizer.model, layer.info.weight) is not w:
-        raise RuntimeError(
-            f"the weight of layer {layer.name!r} is no longer the parameter this optimizer "
-            "was built with (a new nn.Parameter was assigned, or the model was converted "
-            "with torch.__future__.set_overwrite_module_params_on_conversion(True)); "
-            "build the optimizer after changing the model, or change it in place "
-            "(model.to(...) with the default settings keeps the parameters)"
-        )
+    w = check_weight(grp, layer)
     state = optimizer.state[w]
     dtype_K, dtype_C = group["preconditioner_dtype"]
     for key, dtype in (("K", dtype_K), ("m_K", dtype_K), ("C", dtype_C), ("m_C", dtype_C)):
@@ -195,13 +186,36 @@ def follow_params(optimizer, layer: Layer) -> dict:
     return state
 
 
-def _parameter(model: nn.Module, key: str):
-    """The model's tensor at ``key`` now (None when there is none)."""
-    *path, attr = key.split(".")
-    try:
-        return getattr(model.get_submodule(".".join(path)), attr)
-    except AttributeError:
-        return None
+def check_weight(grp: Group, layer: Layer) -> Tensor:
+    """The layer's weight, if its module still holds the parameter the group was built with."""
+    w = grp.weight(layer)
+    if _current_weight(layer) is not w:
+        raise RuntimeError(
+            f"the weight of layer {layer.name!r} is no longer the parameter this optimizer "
+            "was built with (a new nn.Parameter was assigned, or the model was converted "
+            "with torch.__future__.set_overwrite_module_params_on_conversion(True)); "
+            "build the optimizer after changing the model, or change it in place "
+            "(model.to(...) with the default settings keeps the parameters)"
+        )
+    return w
+
+
+def _current_weight(layer: Layer):
+    """The tensor the layer's module holds now where its weight was (None: not found).
+
+    The weight key is the module's path plus the attribute path below it
+    (``blocks.0.attn.in_proj_weight``, ``...attn.out_proj.weight``); a weight named from
+    elsewhere (a tied weight first registered by another module) is the module's
+    ``weight`` attribute.
+    """
+    site, key = layer.info.site, layer.info.weight
+    if site == "" or key.startswith(site + "."):
+        *path, attr = (key if site == "" else key[len(site) + 1:]).split(".")
+        try:
+            return getattr(layer.module.get_submodule(".".join(path)), attr)
+        except AttributeError:
+            return None
+    return getattr(layer.module, "weight", None)
 
 
 def default_parameters(model: nn.Module, warn_unsupported: bool) -> list[Tensor]:
