@@ -313,7 +313,9 @@ def _trace(model: nn.Module, layers: tuple[LayerInfo, ...]) -> _FxProgram:
                 env[node] = graph.node_copy(node, env.__getitem__)
         # a keyword with a default, so it fits after any signature (defaults, *args)
         pert = graph.placeholder(_PERTURBATIONS, default_value=None) if perturb else None
-        recorded, outputs, calls = [], [], []
+        recorded: list[Any] = []
+        outputs: list[Any] = []
+        calls: list[str] = []
 
         def slot() -> Any:
             return graph.call_function(operator.getitem, (pert, len(calls))) if perturb else None
@@ -375,7 +377,7 @@ def _fx_output_shapes(program: _FxProgram, state, inputs) -> list:
             return torch.empty(t.shape, dtype=t.dtype, device="meta")
         return t
 
-    full = dict(program.probe.named_parameters())
+    full: dict[str, Tensor] = dict(program.probe.named_parameters())
     full.update(program.probe.named_buffers())
     full.update({k: v for k, v in state.items() if k in program.probe_keys})
     with torch.no_grad():

@@ -176,12 +176,12 @@ class LayerKind:
 
 
 # ------------------------------------------------------------------ built-in kinds
-def _bias_key(mod: nn.Module, param_keys: Mapping[int, str]) -> str | None:
+def _bias_key(mod: Any, param_keys: Mapping[int, str]) -> str | None:
     b = getattr(mod, "bias", None)
     return param_keys.get(id(b)) if isinstance(b, Tensor) else None
 
 
-def _describe_linear(name: str, mod: nn.Module, param_keys: Mapping[int, str]):
+def _describe_linear(name: str, mod: Any, param_keys: Mapping[int, str]):
     weight = param_keys.get(id(mod.weight)) if isinstance(mod.weight, Tensor) else None
     if weight is None:
         return None
@@ -196,7 +196,7 @@ def _linear_rows(info: LayerInfo, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]
     return x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1])
 
 
-def _conv_padding(mod: nn.Module, ks: tuple[int, int], dil: tuple[int, int]):
+def _conv_padding(mod: Any, ks: tuple[int, int], dil: tuple[int, int]):
     pad = mod.padding
     if pad == "valid":
         return (0, 0, 0, 0)
@@ -215,7 +215,7 @@ def _conv_padding(mod: nn.Module, ks: tuple[int, int], dil: tuple[int, int]):
 def _describe_conv(kind: str):
     is_1d = kind == "conv1d"
 
-    def describe(name: str, mod: nn.Module, param_keys: Mapping[int, str]):
+    def describe(name: str, mod: Any, param_keys: Mapping[int, str]):
         weight = param_keys.get(id(mod.weight)) if isinstance(mod.weight, Tensor) else None
         if weight is None:
             return None
