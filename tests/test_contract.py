@@ -288,11 +288,12 @@ def test_two_layers_sharing_a_weight_are_refused():
     shared = nn.Linear(4, 4)
     model = nn.Sequential(shared, nn.Tanh(), nn.Linear(4, 4))
     model[2].weight = shared.weight
-    layers = sf.find_layers(model)
-    if len({info.weight for info in layers}) == len(layers):  # find_layers split them
-        info = layers[0]
-        layers = (info, info._replace(name="again"))
-    with pytest.raises(ValueError, match="share the parameter"):
+    with pytest.raises(ValueError, match="one layer per weight"):
+        sf.find_layers(model)
+    # layers put together by hand reach the transforms: refused there too
+    info = sf.find_layers(nn.Sequential(nn.Linear(4, 4)))[0]
+    layers = (info, info._replace(name="again"))
+    with pytest.raises(ValueError, match="share the parameter '0.weight'"):
         sf.singd(layers)
     with pytest.raises(ValueError, match="share the parameter"):
         sf.scale_by_kronecker_factors(layers)
