@@ -3,6 +3,7 @@ hyperparameters that reach every transform, SINGD as a chain of its primitives, 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import optree
@@ -292,7 +293,7 @@ def test_two_layers_sharing_a_weight_are_refused():
         sf.find_layers(model)
     # layers put together by hand reach the transforms: refused there too
     info = sf.find_layers(nn.Sequential(nn.Linear(4, 4)))[0]
-    layers = (info, info._replace(name="again"))
+    layers = (info, dataclasses.replace(info, name="again"))
     with pytest.raises(ValueError, match="share the parameter '0.weight'"):
         sf.singd(layers)
     with pytest.raises(ValueError, match="share the parameter"):
