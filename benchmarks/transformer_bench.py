@@ -215,7 +215,7 @@ class Bench:
             m = self.model(model, 0)
             tx, capture, T = singd_core(name, m, todo[0], adamw_lr, settings)
             curves, state = chargpt.sweep_core(
-                m, tx, capture, T, sf.grid(lr=todo), self.batches(0), self.windows,
+                m, tx, capture, T, {"singd": sf.grid(lr=todo)}, self.batches(0), self.windows,
                 eval_every=self.args.eval_every,
             )
             member_bytes = chargpt.tree_bytes(state.opt_state) // len(todo)

@@ -11,7 +11,8 @@ B. warm-up (30 steps) + cosine decay to 10 % of the lr, at three lrs: one sweep 
 C. T (how often the factors are updated): 1, 2, 10 (static: one run each);
 D. weight decay (coupled, SINGD's gamma): one sweep;
 E. which layers get which structure: the head diagonal (rest dense); the MLP layers
-   block-diagonal (rest dense); everything diagonal but the attention projections.
+   block-diagonal (rest dense); everything diagonal but the attention projections;
+F. the AdamW fallback at lr 1e-2 (AdamW's best on this model) instead of 3e-3.
 
 B-E use the best (lr, damping, lr_cov) of A. Each finished run is appended to
 ``results/transformer_settings.jsonl``; the report is ``transformer_settings.md``.
@@ -51,10 +52,12 @@ class Study:
         return chargpt.make_model(MODEL, len(self.data.vocab), seed=0)
 
     def sweep(self, study: str, members: list[dict], *, structures="dense", T=5,
-              schedule=None, schedule_name: str = "constant", static: dict | None = None):
+              schedule=None, schedule_name: str = "constant", static: dict | None = None,
+              fallback_lr: float | None = None):
         """``members`` (dicts of swept hyperparameters) in one vmapped run; cached."""
         static = static or {}
-        keys = [Store.key(study=study, steps=self.args.steps, adamw_lr=self.args.adamw_lr,
+        fallback_lr = self.args.adamw_lr if fallback_lr is None else fallback_lr
+        keys = [Store.key(study=study, steps=self.args.steps, adamw_lr=fallback_lr,
                           structures=str(structures), T=T, schedule=schedule_name,
                           static=static, member=m) for m in members]
         todo = [(k, m) for k, m in zip(keys, members) if self.store.get(k) is None]
@@ -62,24 +65,26 @@ class Study:
             start = time.perf_counter()
             model = self.model()
             tx, capture, _ = chargpt.core_optimizer(
-                model, structures=structures, fallback_lr=self.args.adamw_lr, T=T, **static
+                model, structures=structures, fallback_lr=fallback_lr, T=T, **static
             )
             names = list(todo[0][1])
+            # SINGD's values only ("singd" label): the AdamW fallback keeps --adamw-lr
             hp = sf.HyperParams(**{n: torch.tensor([float(m[n]) for _, m in todo],
                                                    dtype=torch.float64) for n in names})
             if len(todo) == 1:
                 only = {n: float(v[0]) for n, v in hp._asdict().items() if v is not None}
                 tx, capture, _ = chargpt.core_optimizer(
-                    model, structures=structures, fallback_lr=self.args.adamw_lr, T=T,
+                    model, structures=structures, fallback_lr=fallback_lr, T=T,
                     **{**static, **only},
                 )
                 hp = sf.HyperParams(lr=torch.tensor([only.get("lr", 1e-2)],
                                                     dtype=torch.float64))
-            curves, _ = chargpt.sweep_core(model, tx, capture, T, hp, self.batches,
+            curves, _ = chargpt.sweep_core(model, tx, capture, T, {"singd": hp}, self.batches,
                                            self.windows, schedule=schedule)
             for (k, m), c in zip(todo, curves):
                 rec = curve_record(k, dict(study=study, member=m, structures=str(structures),
-                                           T=T, schedule=schedule_name, static=static), c)
+                                           T=T, schedule=schedule_name, static=static,
+                                           fallback_lr=fallback_lr), c)
                 self.store.add(rec)
             print(f"{study}: {len(todo)} members, {time.perf_counter() - start:.0f} s: "
                   f"{[round(c.val[-1], 4) for c in curves]}", flush=True)
@@ -93,7 +98,7 @@ def warmup_cosine(steps: int, warmup: int = 30, floor: float = 0.1):
         else:
             f = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (t - warmup) /
                                                           max(1, steps - warmup)))
-        return {**base, "lr": base["lr"] * f}
+        return {label: {**hp, "lr": hp["lr"] * f} for label, hp in base.items()}
     return schedule
 
 
@@ -108,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--adamw-lr", type=float, default=3e-3,
                    help="lr of the AdamW fallback (embeddings, norms)")
     p.add_argument("--fresh", action="store_true")
+    p.add_argument("--studies", default="F,A", help="F first (two runs); A and B-E follow A")
     p.add_argument("--out", default=str(RESULTS / "transformer_settings"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -126,6 +132,14 @@ def main(argv=None) -> int:
         lines.append("")
 
     # the default (damping 1e-3, lr_cov 1e-2) at lr 3e-2 is a member of the benchmark's grid
+    if "F" in args.studies:
+        f = s.sweep("F", [dict(lr=lr) for lr in (1e-2, 3e-2)], fallback_lr=1e-2)
+        table("F. the AdamW fallback at lr 1e-2 (AdamW's own best) instead of 3e-3 "
+              "(dense, defaults)", f, ["lr", "fallback_lr"])
+    if "A" not in args.studies:
+        Path(args.out).with_suffix(".md").write_text("\n".join(lines))
+        print("\n".join(lines))
+        return 0
     a = s.sweep("A", [dict(lr=3e-2, damping=d, lr_cov=c) for d, c in A_PAIRS])
     table("A. damping x lr_cov (dense, T=5, lr 3e-2, constant lr)", a,
           ["lr", "damping", "lr_cov"])

@@ -729,11 +729,13 @@ ax.legend(); plt.show()
 
 `core_optimizer` builds `sf.singd(..., fallback=sf.adamw(...))` and the capture; `sweep_core`
 trains every member of `sf.grid(lr=...)` in ONE `torch.func.vmap`-ed run
-(`sf.make_sweep`), same weights and batches. A member that diverges is stopped.
+(`sf.make_sweep`), same weights and batches. A member that diverges is stopped. The
+`"singd"` label sweeps SINGD's lr only; a plain `sf.grid(lr=...)` would set the AdamW
+fallback's lr to the same values.
 """),
     code('''
 tx, capture, T = chargpt.core_optimizer(model, structures="dense", lr=3e-2)
-members, _ = chargpt.sweep_core(model, tx, capture, T, sf.grid(lr=[1e-2, 3e-2, 1e-1]),
+members, _ = chargpt.sweep_core(model, tx, capture, T, {"singd": sf.grid(lr=[1e-2, 3e-2, 1e-1])},
                                 batches, windows, eval_every=max(1, STEPS // 6))
 for lr, c in zip([1e-2, 3e-2, 1e-1], members):
     print(f"lr {lr:g}: val loss {c.val[-1]:.4f}" + (" (diverged)" if c.diverged else ""))

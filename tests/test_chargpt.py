@@ -73,8 +73,9 @@ def test_sweep_members_equal_their_own_runs(data):
     windows = chargpt.val_windows(data, 8, n=8)
     lrs = [1e-2, 3e-2]
     tx, capture, T = chargpt.core_optimizer(model, structures="diagonal", lr=lrs[0], T=2)
-    members, _ = chargpt.sweep_core(model, tx, capture, T, sf.grid(lr=lrs), batches, windows,
-                                    eval_every=2)
+    # {"singd": ...}: SINGD's lr only; a plain HyperParams would sweep the AdamW fallback's too
+    members, _ = chargpt.sweep_core(model, tx, capture, T, {"singd": sf.grid(lr=lrs)}, batches,
+                                    windows, eval_every=2)
     for lr, member in zip(lrs, members):
         tx, capture, T = chargpt.core_optimizer(model, structures="diagonal", lr=lr, T=2)
         curve, state = chargpt.train_core(model, tx, capture, T, batches, windows, eval_every=2)
@@ -101,3 +102,11 @@ def test_cli_prints_curve(capsys):
     assert chargpt.main(args) == 0
     out = capsys.readouterr().out
     assert "step     2" in out and "step     4" in out and "nanogpt with" in out
+
+
+@pytest.mark.parametrize("family", chargpt.FAMILIES)
+def test_fx_traces_both_families(family, data):
+    """The traced capture (what torch.compile uses) sees every layer; no hooks fallback."""
+    model = chargpt.make_model(family, len(data.vocab), **SMALL)
+    layers = sf.find_layers(model)
+    assert sf.make_capture(model, chargpt.loss_fn, layers, method="fx").method == "fx"

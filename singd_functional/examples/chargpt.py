@@ -131,13 +131,17 @@ def val_windows(data: CharData, context: int, n: int = 256) -> tuple[Tensor, Ten
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention from two ``nn.Linear`` layers (nanoGPT's)."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, context: int):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not a multiple of heads {heads}")
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
+        # a buffer cut with torch.narrow, not built in forward: torch.fx (the traced
+        # capture) can neither size a new tensor nor slice a buffer by a traced length
+        self.register_buffer("future", torch.ones(context, context, dtype=torch.bool).triu(1),
+                             persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         B, S, D = x.shape
@@ -146,7 +150,7 @@ class CausalSelfAttention(nn.Module):
         # written out (not F.scaled_dot_product_attention): torch.func.vmap has no batching
         # rule for the CPU flash kernel, and the sweeps vmap this model
         scores = (q @ k.transpose(-1, -2)) * (D // self.heads) ** -0.5
-        future = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
+        future = self.future.narrow(0, 0, S).narrow(1, 0, S)
         y = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
@@ -154,10 +158,10 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, context: int):
         super().__init__()
         self.ln1 = nn.LayerNorm(width)
-        self.attn = CausalSelfAttention(width, heads)
+        self.attn = CausalSelfAttention(width, heads, context)
         self.ln2 = nn.LayerNorm(width)
         self.fc = nn.Linear(width, 4 * width)
         self.out = nn.Linear(4 * width, width)
@@ -180,12 +184,15 @@ class CharGPT(nn.Module):
         self.head = nn.Linear(width, vocab)
         self.causal_mask = causal_mask
         self.context = context
+        future = torch.ones(context, context, dtype=torch.bool).triu(1)
+        self.register_buffer("mask", torch.zeros(context, context).masked_fill(
+            future, float("-inf")), persistent=False)
 
     def forward(self, idx: Tensor) -> Tensor:
         S = idx.shape[-1]
-        x = self.tok(idx) + self.pos.weight[:S]
+        x = self.tok(idx) + self.pos(torch.arange(S, device=idx.device))
         if self.causal_mask:
-            mask = torch.triu(torch.full((S, S), float("-inf"), device=idx.device), 1)
+            mask = self.mask.narrow(0, 0, S).narrow(1, 0, S)
             for block in self.blocks:
                 x = block(x, src_mask=mask, is_causal=True)
         else:
@@ -209,7 +216,7 @@ def make_model(
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     torch.manual_seed(seed)
     if family == "nanogpt":
-        blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        blocks = nn.ModuleList(Block(width, heads, context) for _ in range(layers))
     else:
         blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(
@@ -366,18 +373,21 @@ def sweep_core(
     tx: sf.GradientTransformation,
     capture: Callable,
     T: int,
-    hyperparams: sf.HyperParams,
+    hyperparams: sf.HyperParams | dict[str, sf.HyperParams],
     batches: Sequence[tuple[Tensor, Tensor]],
     windows: tuple[Tensor, Tensor],
     *,
     eval_every: int = 50,
-    schedule: Callable[[int, dict[str, Tensor]], dict[str, Tensor]] | None = None,
+    schedule: Callable[[int, dict], dict] | None = None,
 ) -> tuple[list[Curve], Any]:
     """Every member of ``hyperparams`` trained in ONE vmapped run (``sf.make_sweep``).
 
+    ``hyperparams``: an ``sf.HyperParams`` (it reaches SINGD and its AdamW fallback
+    alike) or ``{"singd": sf.grid(...)}`` (SINGD's only; the fallback keeps its own).
     Same initial weights and batches for every member; a member that diverges is
     stopped by the sweep (its later values read NaN). ``schedule(t, base)`` may return
-    per-member hyperparameters for step ``t`` from the initial ones ``base``.
+    per-member hyperparameters for step ``t`` from the initial ones ``base`` (the
+    sweep state's ``hyperparams``, per label for a mapping).
     """
     sweep = sf.make_sweep(tx, capture, hyperparams)
     state = sweep.init({k: v.detach() for k, v in model.named_parameters()})
