@@ -255,6 +255,16 @@ class Bench:
         return min(records, key=score)
 
 
+def best_so_far(bench: Bench, model: str, name: str) -> dict:
+    """The best seed-0 record of ``name`` so far, or its grid's middle lr (timing only)."""
+    recs = [r for r in bench.store.records.values()
+            if r.get("model") == model and r.get("optimizer") == name and r["seed"] == 0
+            and not r["settings"] and r["steps_total"] == bench.args.steps]
+    if recs:
+        return min(recs, key=score)
+    return {"lr": GRIDS[family(name)][1], "settings": {}}
+
+
 def score(record: dict) -> float:
     v = record["final_val"]
     return v if v == v else math.inf  # NaN (diverged) last
@@ -266,6 +276,7 @@ def time_steps(bench: Bench, model: str, best: dict[str, dict], adamw_lr: float)
     a = bench.args
     batches = chargpt.batch_stream(bench.data, a.timing_steps, a.batch_size, a.context, 7)
     runners: dict[str, Callable[[], None]] = {}
+    sizes: dict[str, Callable[[], int]] = {}
     for name, rec in best.items():
         m = bench.model(model, 0)
         if family(name) == "SINGD":
@@ -279,6 +290,8 @@ def time_steps(bench: Bench, model: str, best: dict[str, dict], adamw_lr: float)
                     fn = step if box["t"] % T == 0 else plain
                     box["params"], box["state"], _ = fn(box["params"], box["state"], x, y)
                     box["t"] += 1
+
+            sizes[name] = lambda box=box: chargpt.tree_bytes(box["state"])
         else:
             opts = torch_optimizers(name, m, rec["lr"], adamw_lr)
 
@@ -289,6 +302,9 @@ def time_steps(bench: Bench, model: str, best: dict[str, dict], adamw_lr: float)
                     chargpt.loss_fn(m(x), y).backward()
                     for o in opts:
                         o.step()
+
+            sizes[name] = lambda opts=opts: sum(chargpt.tree_bytes(list(o.state.values()))
+                                                for o in opts)
         runners[name] = run
     for run in runners.values():  # warm-up round
         run()
@@ -301,7 +317,8 @@ def time_steps(bench: Bench, model: str, best: dict[str, dict], adamw_lr: float)
             per_step[name].append((time.process_time() - start) / len(batches))
     med = {n: statistics.median(v) for n, v in per_step.items()}
     return {n: dict(seconds=med[n], ratio_to_adamw=med[n] / med["AdamW"],
-                    spread=[min(v) / med["AdamW"], max(v) / med["AdamW"]])
+                    spread=[min(v) / med["AdamW"], max(v) / med["AdamW"]], lr=best[n]["lr"],
+                    state_bytes=sizes[n]())
             for n, v in per_step.items()}
 
 
@@ -344,7 +361,11 @@ def results_table(result: dict) -> str:
              "AdamW | state bytes |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for model, entry in result["models"].items():
         timing = entry.get("timing", {})
-        for name, o in entry["optimizers"].items():
+        names = [*entry["optimizers"], *(n for n in timing if n not in entry["optimizers"])]
+        for name in names:
+            # an optimizer timed but not trained yet: its row has the timing only
+            o = entry["optimizers"].get(name, {"val": {}, "best_lr": math.nan,
+                                               "state_bytes": timing[name]["state_bytes"]})
             v0 = o["val"].get("0", math.nan)
             v1 = o["val"].get("1", math.nan)
             mean = (v0 + v1) / 2
@@ -426,6 +447,8 @@ def parse_args(argv=None):
     p.add_argument("--no-soap", action="store_true")
     p.add_argument("--optimizers", default=None,
                    help="comma-separated subset to run now (e.g. 'AdamW,Muon'); default all")
+    p.add_argument("--timing-only", action="store_true",
+                   help="only time every optimizer at its best lr so far (no training)")
     p.add_argument("--timing", action="store_true",
                    help="time the --optimizers subset (and AdamW) too, not only a full run")
     p.add_argument("--fallback-lr", type=float, default=3e-3,
@@ -458,6 +481,15 @@ def main(argv=None) -> int:
     bench = Bench(args, store)
     names = optimizer_names(args)
     if args.report_only:
+        report(bench, args, names)
+        return 0
+    if args.timing_only:
+        for model in args.models:
+            best = {name: best_so_far(bench, model, name) for name in names}
+            key = Store.key(timing=model, steps_total=args.steps,
+                            best={n: r["lr"] for n, r in best.items()})
+            store.add(dict(key=key, timing=model, steps_total=args.steps,
+                           result=time_steps(bench, model, best, args.fallback_lr)))
         report(bench, args, names)
         return 0
     for model in args.models:
