@@ -61,6 +61,8 @@ class Study:
                           structures=str(structures), T=T, schedule=schedule_name,
                           static=static, member=m) for m in members]
         todo = [(k, m) for k, m in zip(keys, members) if self.store.get(k) is None]
+        if todo and self.args.report_only:
+            return [r for k in keys if (r := self.store.get(k)) is not None]
         if todo:
             start = time.perf_counter()
             model = self.model()
@@ -113,6 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--adamw-lr", type=float, default=3e-3,
                    help="lr of the AdamW fallback (embeddings, norms)")
     p.add_argument("--fresh", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the runs recorded so far; train nothing")
     p.add_argument("--studies", default="F,A", help="F first (two runs); A and B-E follow A")
     p.add_argument("--out", default=str(RESULTS / "transformer_settings"))
     args = p.parse_args(argv)
@@ -143,6 +147,10 @@ def main(argv=None) -> int:
     a = s.sweep("A", [dict(lr=3e-2, damping=d, lr_cov=c) for d, c in A_PAIRS])
     table("A. damping x lr_cov (dense, T=5, lr 3e-2, constant lr)", a,
           ["lr", "damping", "lr_cov"])
+    if not a:  # --report-only before A finished
+        Path(args.out).with_suffix(".md").write_text("\n".join(lines))
+        print("\n".join(lines))
+        return 0
     top = best(a)["member"]
     damp_cov = {k: top[k] for k in ("damping", "lr_cov")}
     b = s.sweep("B", [dict(lr=top["lr"] * f) for f in (1.0, 3.0)],
