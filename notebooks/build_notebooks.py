@@ -489,7 +489,7 @@ for name, (acc, nbytes, seconds) in results.items():
     print(f"{name:>16}: test accuracy {acc:.3f}, optimizer state {nbytes / 1024:7.1f} KiB, {seconds:.1f} s")
 '''),
     md("""
-The storage of one d × d factor, per structure (ALGORITHM.md):
+The storage of one d × d factor, per structure ([docs/algorithm.md](../docs/algorithm.md#structures)):
 """),
     code('''
 for name in names:

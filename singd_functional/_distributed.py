@@ -9,7 +9,7 @@ gradient of
 on the concatenated batch. The statistics below are L_eff's, which makes W processes
 equal to one process that differentiates L_eff on the concatenated batch. Each process
 captured its own output gradients g_w = W * dL_eff/dz, so with G_hat = c sum g g^T
-(ALGORITHM.md) and A_hat a mean over a-rows:
+(docs/algorithm.md#statistics) and A_hat a mean over a-rows:
 
     H_K = sum_w R_w H_K_w / sum_w R_w          R_w: a-rows of process w
     H_C = (c / W^2) sum_w H_C_w / c_w          c_w: loss terms of process w (statistics.
@@ -19,7 +19,8 @@ captured its own output gradients g_w = W * dL_eff/dz, so with G_hat = c sum g g
 With equal local batches and a mean loss ("batch", "batch+sequence", a count) H_C is
 the plain mean over processes; with a sum loss (None) it is sum_w H_C_w / W^2, the
 statistics of the sum loss divided by W that DDP's averaged gradient belongs to. (The
-official package sums both factors for None, which is bug 5 of ALGORITHM.md.)
+official package sums both factors for None, which is difference 3 in
+docs/algorithm.md#differences-from-the-official-package.)
 
 Everything every process contributes in a step travels in ONE flat buffer per device
 (one ``all_reduce``); the row and loss-term counts ride along, so nothing syncs per layer.
@@ -47,7 +48,8 @@ class LocalStatistics(NamedTuple):
         stats: accumulated :class:`LayerStatistics`, or None when this process has none
             (the layer was not called, or got no gradient, here).
         rows: R_w, the number of a-rows (summed over the micro-batches).
-        loss_terms: c_w, the loss-term count of ALGORITHM.md (summed over micro-batches).
+        loss_terms: c_w, the loss-term count c of docs/algorithm.md#statistics (summed
+            over micro-batches).
     """
 
     stats: LayerStatistics | None

@@ -102,7 +102,7 @@ class SINGD(torch.optim.Optimizer):
     r"""SINGD / IKFAC (Lin et al., ICML 2024) as a ``torch.optim.Optimizer``.
 
     Same constructor and numbers as the official package's ``singd.optim.optimizer.SINGD``
-    (ALGORITHM.md); a one-line import change switches. Use it like any optimizer::
+    (docs/algorithm.md); a one-line import change switches. Use it like any optimizer::
 
         opt = SINGD(model, lr=1e-3, T=10)
         for x, y in loader:
@@ -157,7 +157,7 @@ class SINGD(torch.optim.Optimizer):
     explicitly instead.
 
     Statistics follow gradients: they accumulate over all backward passes since the
-    last :meth:`step` or :meth:`zero_grad` (gradient accumulation, ALGORITHM.md).
+    last :meth:`step` or :meth:`zero_grad` (docs/algorithm.md#gradient-accumulation).
 
     Multi-process: when ``torch.distributed`` is initialised with more than one
     process, the statistics are all-reduced (one flat buffer per step) over

@@ -1,6 +1,6 @@
 """Stage 3 of the data path: Kronecker statistics H_K, H_C from one layer's capture.
 
-From a layer's inputs x and output gradients g (ALGORITHM.md, "Statistics"):
+From a layer's inputs x and output gradients g (docs/algorithm.md#statistics):
 
     a-rows (R x d_K), g-rows (R' x d_C)    per kfac_approx ("expand" or "reduce")
     H_K = Pi_K(K^T A_hat K),   A_hat = (1/R) sum_i a_i a_i^T
@@ -36,7 +36,7 @@ def _patches(info: LayerInfo, x: Tensor) -> Tensor:
     """Unfolded input patches of a conv layer: [N, d_in, positions]."""
     if info.kind == "conv1d":
         x = x.unsqueeze(-2)
-    if info.groups > 1:  # ALGORITHM.md: average the input channels over the groups
+    if info.groups > 1:  # docs/algorithm.md#statistics: average the input channels over the groups
         n, ch = x.shape[0], x.shape[1]
         x = x.reshape(n, info.groups, ch // info.groups, *x.shape[2:]).mean(1)
     top, bottom, left, right = info.padding
@@ -62,7 +62,7 @@ def _rows_one_call(info: LayerInfo, x: Tensor, g: Tensor):
 
 
 def layer_rows(info: LayerInfo, capture: LayerCapture, kfac_approx: str):
-    """The a-rows and g-rows of ALGORITHM.md for one layer.
+    """The a-rows and g-rows of docs/algorithm.md#statistics for one layer.
 
     Several calls of the layer in one forward pass are pooled as extra weight-sharing
     positions (concatenated along the sharing dimension).
@@ -86,7 +86,7 @@ def layer_rows(info: LayerInfo, capture: LayerCapture, kfac_approx: str):
 
 
 def loss_scale(loss_average, N: int, S: int):
-    """c of ALGORITHM.md: how many loss terms the differentiated loss averages over."""
+    """c of docs/algorithm.md#statistics: the loss terms the differentiated loss averages."""
     if loss_average is None:
         return 1.0
     if loss_average == "batch":
@@ -126,7 +126,9 @@ def layer_statistics(
 
 
 def accumulate(parts: list[LayerStatistics], loss_average) -> LayerStatistics:
-    """Combine k micro-batches' statistics into the whole batch's (ALGORITHM.md).
+    """Combine k micro-batches' statistics into the whole batch's.
+
+    See docs/algorithm.md#gradient-accumulation.
 
     H_K is the MEAN of the parts; H_C is their SUM, times k unless ``loss_average``
     is None (an averaged loss's micro-batch g already carries the 1/N of the whole

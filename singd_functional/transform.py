@@ -144,7 +144,7 @@ def singd(
     captures::
 
         H_K, H_C from the captures           (statistics)
-        K, C, m_K, m_C updated               (factors; ALGORITHM.md)
+        K, C, m_K, m_C updated               (docs/algorithm.md#factor-update)
 
     and on every step::
 

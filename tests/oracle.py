@@ -1,4 +1,4 @@
-"""Dense SINGD oracle, written in the tests straight from ALGORITHM.md.
+"""Dense SINGD oracle, written in the tests straight from docs/algorithm.md.
 
 Every factor is a dense float64 matrix; a structure enters only through its
 projection (tests/_dense_projection.py) and through closure under products. Layer

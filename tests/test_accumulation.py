@@ -1,4 +1,4 @@
-"""Gradient accumulation through the pure core (ALGORITHM.md): k micro-batches == one batch.
+"""Gradient accumulation through the pure core (docs/algorithm.md#gradient-accumulation): k micro-batches == one batch.
 
 Recipe: per micro-batch, layer_statistics(...) from its captures; combine with
 statistics.accumulate(...); pass `statistics=` and the summed gradients to update.

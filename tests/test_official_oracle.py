@@ -1,6 +1,6 @@
 """Optional oracle: the official `singd` 0.0.5 package (skipped when it is absent).
 
-Its known bugs (ALGORITHM.md) are avoided: no block-diagonal structures, one backward
+Its known bugs (docs/algorithm.md#differences-from-the-official-package) are avoided: no block-diagonal structures, one backward
 pass per step, float64 only for dense (it crashes on structured float64), float32
 otherwise with a float32 tolerance.
 """

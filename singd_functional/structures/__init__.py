@@ -1,6 +1,6 @@
 """Structured matrices for the SINGD factors K, C and their momenta.
 
-One pytree type per structure of ALGORITHM.md, found by name with :func:`get`::
+One pytree type per structure of docs/algorithm.md#structures, found by name with :func:`get`::
 
     from singd_functional import structures
     T = structures.get("block30diagonal")

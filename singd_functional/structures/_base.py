@@ -1,7 +1,7 @@
 """The common base of every structured matrix type.
 
 A structured matrix is a square d x d matrix kept as its structure's own parameters
-(the "storage" column of ALGORITHM.md), never as a d x d tensor unless the structure
+(the "storage" column of docs/algorithm.md#structures), never as a d x d tensor unless the structure
 is dense. Instances are immutable pytrees: their tensors are the leaves and their type
 (which carries static parameters such as a block size) is the tree spec, so
 ``torch.func.vmap``, ``torch.compile`` and ``optree.tree_map`` see through them.
@@ -87,7 +87,7 @@ class StructuredMatrix:
         return self.leaves[0].device
 
     def storage_numel(self) -> int:
-        """Number of stored entries (the storage formula of ALGORITHM.md)."""
+        """Number of stored entries (the storage formula of docs/algorithm.md#structures)."""
         return sum(leaf.numel() for leaf in self.leaves)
 
     def map(self, fn) -> StructuredMatrix:
@@ -113,7 +113,7 @@ class StructuredMatrix:
 
     @classmethod
     def from_dense(cls, sym: Tensor):
-        """The projection Pi(M) of a symmetric d x d matrix M (ALGORITHM.md table)."""
+        """The projection Pi(M) of a symmetric d x d matrix M (docs/algorithm.md#structures)."""
         raise NotImplementedError
 
     @classmethod
