@@ -1,8 +1,8 @@
 """The common base of every structured matrix type.
 
 A structured matrix is a square d x d matrix kept as its structure's own parameters
-(the "storage" column of docs/algorithm.md#structures), never as a d x d tensor unless the structure
-is dense. Instances are immutable pytrees: their tensors are the leaves and their type
+(the "storage" column of docs/algorithm.md#structures), never as a d x d tensor unless
+the structure is dense. Instances are immutable pytrees: their tensors are the leaves and their type
 (which carries static parameters such as a block size) is the tree spec, so
 ``torch.func.vmap``, ``torch.compile`` and ``optree.tree_map`` see through them.
 
@@ -14,12 +14,15 @@ per structure, in that structure's own parameters.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._pytree import register_pytree
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 Scalar = float | Tensor
 
@@ -134,7 +137,7 @@ class StructuredMatrix:
         """self^T @ X for X of shape [d, n]."""
         raise NotImplementedError
 
-    def matmul(self, other: StructuredMatrix) -> StructuredMatrix:
+    def matmul(self, other: Self) -> Self:
         """self @ other, both of this structure; the result stays in it."""
         raise NotImplementedError
 
