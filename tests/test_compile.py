@@ -3,8 +3,9 @@
 Default suite: the fx capture equals the hook capture; a compiled step with a dense and
 a structured factor is one graph per step function (fullgraph), equals eager
 (float32, 1e-5) and does not recompile when hyperparameter values change; the hook
-capture is a graph break. Slow: every structure family, SINGD and IKFAC; the
-compiled vmapped sweep.
+capture is a graph break; every structure family and the vmapped sweep trace in one
+graph (dynamo with the "eager" backend: no inductor). Slow: every structure family,
+SINGD and IKFAC, and the sweep, compiled by inductor.
 """
 
 from __future__ import annotations
@@ -180,6 +181,14 @@ def test_hook_capture_is_a_graph_break():
         f(params)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_structure_traces_in_one_graph(family):
+    """Default suite: dynamo traces every family's whole step with fullgraph=True and no
+    recompile (backend "eager": the traced graph runs as is, no inductor C++ builds)."""
+    counter = compare_compiled(small_model(), (family, family), steps=4, backend="eager")
+    assert counter.frame_count == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kfac_like", [False, True], ids=["singd", "ikfac"])
@@ -207,9 +216,18 @@ def test_hook_capture_compiles_with_breaks_same_numbers():
         assert ((p_c[k] - p).norm() / p.norm()).item() <= 1e-5
 
 
+def test_compiled_sweep_traces_in_one_graph():
+    """Default suite: the compiled sweep (mask inside vmap) traced by dynamo, backend "eager"."""
+    check_compiled_sweep("eager")
+
+
 @pytest.mark.slow
 def test_compiled_sweep_same_numbers_no_recompile():
-    """The vmapped sweep step compiles to one graph per step function."""
+    """The vmapped sweep step compiles to one graph per step function (inductor)."""
+    check_compiled_sweep("inductor")
+
+
+def check_compiled_sweep(backend):
     models = [small_model() for _ in range(3)]
     for s, m in enumerate(models):
         torch.manual_seed(s)
@@ -223,7 +241,7 @@ def test_compiled_sweep_same_numbers_no_recompile():
     hp = sf.HyperParams(lr=torch.tensor([0.05, math.inf, 0.08]),
                         damping=torch.tensor([1e-3, 1e-2, 3e-3]))
     sweep = sf.make_sweep(tx, capture, hp)
-    counter = CompileCounterWithBackend("inductor")
+    counter = CompileCounterWithBackend(backend)
     compiled = sweep.compile(fullgraph=True, backend=counter)
     stacked, _ = torch.func.stack_module_state(models)
     batches = [(x.float(), y) for x, y in (make_batch("mlp", t) for t in range(6))]
