@@ -14,6 +14,7 @@ per structure, in that structure's own parameters.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -93,7 +94,7 @@ class StructuredMatrix:
         """Number of stored entries (the storage formula of docs/algorithm.md#structures)."""
         return sum(leaf.numel() for leaf in self.leaves)
 
-    def map(self, fn) -> StructuredMatrix:
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Self:
         """Apply ``fn`` to every stored tensor (e.g. a dtype or device cast)."""
         return type(self)(*(fn(leaf) for leaf in self.leaves))
 
@@ -105,22 +106,22 @@ class StructuredMatrix:
 
     # ----------------------------------------------------- construction (abstract)
     @classmethod
-    def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None):
+    def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         """The identity I (d x d) in this structure."""
         raise NotImplementedError
 
     @classmethod
-    def zeros(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None):
+    def zeros(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         """The zero matrix (d x d) in this structure."""
         raise NotImplementedError
 
     @classmethod
-    def from_dense(cls, sym: Tensor):
+    def from_dense(cls, sym: Tensor) -> Self:
         """The projection Pi(M) of a symmetric d x d matrix M (docs/algorithm.md#structures)."""
         raise NotImplementedError
 
     @classmethod
-    def project_outer(cls, Y: Tensor):
+    def project_outer(cls, Y: Tensor) -> Self:
         """Pi(Y Y^T) for Y of shape [d, R], without forming the d x d product."""
         raise NotImplementedError
 

@@ -16,11 +16,15 @@ faster than a row-major result (a permuted copy) or a Python loop over the block
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ._base import Scalar, StructuredMatrix, _add_diag, _eye_like, _resolve
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class BlockDiagonal(StructuredMatrix):
@@ -81,14 +85,14 @@ class BlockDiagonal(StructuredMatrix):
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def eye(cls, dim, dtype=None, device=None):
+    def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         nb, r = cls._split(dim)
         B, dtype = cls.block_size, _resolve(dtype)
         blocks = torch.eye(B, dtype=dtype, device=device).expand(nb, B, B).clone()
         return cls(blocks, torch.eye(r, dtype=dtype, device=device))
 
     @classmethod
-    def zeros(cls, dim, dtype=None, device=None):
+    def zeros(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         nb, r = cls._split(dim)
         B, dtype = cls.block_size, _resolve(dtype)
         return cls(
@@ -97,7 +101,7 @@ class BlockDiagonal(StructuredMatrix):
         )
 
     @classmethod
-    def from_dense(cls, sym: Tensor):
+    def from_dense(cls, sym: Tensor) -> Self:
         nb, _ = cls._split(sym.shape[-1])
         B = cls.block_size
         m = nb * B
@@ -107,7 +111,7 @@ class BlockDiagonal(StructuredMatrix):
         return cls(blocks.clone(), sym[..., m:, m:].clone())
 
     @classmethod
-    def project_outer(cls, Y: Tensor):
+    def project_outer(cls, Y: Tensor) -> Self:
         nb, _ = cls._split(Y.shape[-2])
         B = cls.block_size
         m = nb * B

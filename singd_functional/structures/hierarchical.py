@@ -27,11 +27,15 @@ two-sided K K^T X of the natural gradient never forms K^T X (:meth:`outer_matmat
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ._base import Scalar, StructuredMatrix, _add_diag, _resolve
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 def _cat_broadcast(parts: list[Tensor], dim: int) -> Tensor:
@@ -86,7 +90,7 @@ class Hierarchical(StructuredMatrix):
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def eye(cls, dim, dtype=None, device=None):
+    def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         k1, n, k2 = cls._split(dim)
         kw = {"dtype": _resolve(dtype), "device": device}
         return cls(
@@ -98,7 +102,7 @@ class Hierarchical(StructuredMatrix):
         )
 
     @classmethod
-    def zeros(cls, dim, dtype=None, device=None):
+    def zeros(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         k1, n, k2 = cls._split(dim)
         kw = {"dtype": _resolve(dtype), "device": device}
         return cls(
@@ -110,7 +114,7 @@ class Hierarchical(StructuredMatrix):
         )
 
     @classmethod
-    def from_dense(cls, sym: Tensor):
+    def from_dense(cls, sym: Tensor) -> Self:
         k1, n, k2 = cls._split(sym.shape[-1])
         s = k1 + n
         mid = sym[..., k1:s, k1:s]
@@ -123,7 +127,7 @@ class Hierarchical(StructuredMatrix):
         )
 
     @classmethod
-    def project_outer(cls, Y: Tensor):
+    def project_outer(cls, Y: Tensor) -> Self:
         k1, n, _ = cls._split(Y.shape[-2])
         s = k1 + n
         Y2 = Y[..., k1:s, :]
