@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import optree
 import pytest
 import torch
 import torch._dynamo
@@ -259,3 +260,11 @@ def check_compiled_sweep(backend):
     for k, p in s_e.params.items():
         assert torch.equal(s_c.params[k][1], stacked[k][1]), "the diverged member moved"
         assert ((s_c.params[k] - p).norm() / p.norm()).item() <= 1e-5
+    # the diverged member's optimizer state (factors, momenta, velocity, count) is kept
+    # as it was before its first step, in the compiled sweep as in the eager one
+    start = optree.tree_leaves(sweep.init(stacked, stacked=True).opt_state)
+    for side in (s_c, s_e):
+        leaves = optree.tree_leaves(side.opt_state)
+        assert len(leaves) == len(start)
+        for leaf, first in zip(leaves, start):
+            assert torch.equal(leaf[1], first[1]), "the diverged member's state changed"
