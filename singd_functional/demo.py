@@ -212,7 +212,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in ``optimizer.state`` (structured factors included)."""
     states: Any = list(optimizer.state.values())  # optree's PyTree type admits no list
-    leaves = optree.tree_leaves(states)
+    leaves = optree.tree_leaves(states, namespace=sf.PYTREE_NAMESPACE)
     return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, Tensor))
 
 
