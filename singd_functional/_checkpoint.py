@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Any
+from typing import Any, NoReturn
 
 from torch import Tensor
 
@@ -71,7 +71,7 @@ def load(optimizer, state_dict: dict[str, Any]) -> None:
             )
         p = id_map[i]
         state[p] = {k: _unpack(v, p.device) for k, v in st.items()}
-    groups = []
+    groups: list[dict[str, Any]] = []
     for saved, current in zip(saved_groups, optimizer.param_groups):
         if saved.get("lr_cov") is None and current["lr_cov"] is not None:
             saved["lr_cov"] = current["lr_cov"]  # a callable is not saved
@@ -116,7 +116,7 @@ def load(optimizer, state_dict: dict[str, Any]) -> None:
 
 def _check_shapes(name: str, p: Tensor, saved: dict, current: dict) -> None:
     """Raise if a loaded state entry of parameter ``name`` does not fit it (another model)."""
-    def refuse(what: str):
+    def refuse(what: str) -> NoReturn:
         raise ValueError(
             f"parameter {name!r} (shape {tuple(p.shape)}): the state dict's {what}; it was "
             "saved from another model (equal parameter counts, other shapes); build the "

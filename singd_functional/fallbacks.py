@@ -170,7 +170,7 @@ def sgd(
 
 
 class AdamWState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count (optax's name)
     mu: dict[str, Tensor]
     nu: dict[str, Tensor]
 

@@ -31,12 +31,14 @@ are an error unless a kind says how to handle it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._types import Structures
 
 
 @dataclass(frozen=True)
@@ -394,7 +396,9 @@ def module_layers(model: nn.Module, param_keys: Mapping[int, str]):
             yield path, mod, info
 
 
-def find_layers(model: nn.Module, params=None) -> tuple[LayerInfo, ...]:
+def find_layers(
+    model: nn.Module, params: Iterable[Tensor] | None = None
+) -> tuple[LayerInfo, ...]:
     """Describe every layer of ``model`` whose weight is trained (the layer rule above).
 
     Built-in kinds: ``nn.Linear`` (any number of leading dims), ``nn.Conv1d``,
@@ -421,7 +425,14 @@ def find_layers(model: nn.Module, params=None) -> tuple[LayerInfo, ...]:
 
 
 # ------------------------------------------------------------------- describe()
-def describe(layers, structures=("dense", "dense")) -> str:
+def _label(structure: str | type) -> str:
+    """A structure's name, given as a name or as a structure type."""
+    return structure if isinstance(structure, str) else getattr(structure, "name", str(structure))
+
+
+def describe(
+    layers: Iterable[LayerInfo], structures: Structures = ("dense", "dense")
+) -> str:
     """A readable table of what is preconditioned: name, kind, d_K, d_C, structures.
 
     Args:
@@ -435,7 +446,7 @@ def describe(layers, structures=("dense", "dense")) -> str:
         pair = structures.get(info.name, ("dense", "dense")) if isinstance(
             structures, Mapping) else structures
         forced = layer_kind(info).structures
-        K, C = (f if f is not None else s for f, s in zip(forced, pair))
+        K, C = (_label(f if f is not None else s) for f, s in zip(forced, pair))
         rows.append((info.name, info.kind, str(info.d_K), str(info.d_C), K, C,
                      ", ".join(info.params)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -34,6 +34,7 @@ from ._groups import (
     not_preconditioned,
     remove_hooks,
 )
+from ._types import LossAverage, Params, PreconditionerDtype, Structures
 from .layers import LayerInfo, describe, summary
 
 _log = logging.getLogger("singd_functional")
@@ -124,20 +125,20 @@ class SINGD(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        params=None,
+        params: Params | None = None,
         lr: float = 1e-3,
         momentum: float = 0.9,
         damping: float = 1e-3,
         alpha1: float = 0.5,
         weight_decay: float = 0.0,
         T: int = 10,
-        loss_average: str | None = "batch",
+        loss_average: LossAverage = "batch",
         lr_cov: float | Callable[[int], float] = 1e-2,
-        structures: str | tuple[str, str] = ("dense", "dense"),
+        structures: str | Structures = ("dense", "dense"),
         kfac_approx: str = "expand",
         warn_unsupported: bool = True,
         kfac_like: bool = False,
-        preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
+        preconditioner_dtype: PreconditionerDtype = (None, None),
         init_grad_scale: float = 1.0,
         normalize_lr_cov: bool = False,
     ):
@@ -233,7 +234,7 @@ class SINGD(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
         _recording.drop_parts(self)
 
-    def step(self, closure: Callable[[], Any] | None = None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One SINGD step; ``closure`` (optional) re-evaluates the loss with grad enabled."""
         loss = None
         if closure is not None:

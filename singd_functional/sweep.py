@@ -452,6 +452,7 @@ def make_sweep(
     def member_step(params, opt_state, hp, *batch, with_statistics: bool):
         """One member's step of the core (no masking)."""
         fn = single.step if with_statistics else single.plain_step
+        given: HyperParams | dict[str, HyperParams]
         if labelled:
             given = {
                 label: HyperParams(**sh, **hp.get(label, {})) for label, sh in shared_hp.items()

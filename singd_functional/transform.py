@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import structures as _structures
+from ._types import LossAverage, PreconditionerDtype, Structures
 from .combine import (
     GradientTransformation,
     require_params,
@@ -69,7 +70,7 @@ class KroneckerState(NamedTuple):
             ``cache_preconditioner``).
     """
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count (optax's name)
     factors: dict[str, Factors]
     momenta: dict[str, Factors]
     products: dict[str, dict[str, StructuredMatrix]] = {}  # noqa: RUF012 (never mutated)
@@ -86,7 +87,7 @@ class SINGDState(NamedTuple):
         fallback: the fallback transform's state, or ``()``.
     """
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count (optax's name)
     factors: dict[str, Factors]
     momenta: dict[str, Factors]
     velocity: dict[str, Tensor]
@@ -100,7 +101,7 @@ def _check_loss_average(loss_average) -> None:
     if isinstance(loss_average, Tensor) and loss_average.dim() == 0:
         return
     if isinstance(loss_average, numbers.Real) and not isinstance(loss_average, bool):
-        if loss_average > 0:
+        if float(loss_average) > 0:
             return
     raise ValueError(
         f"loss_average must be None, 'batch', 'batch+sequence' or a positive number of "
@@ -109,7 +110,7 @@ def _check_loss_average(loss_average) -> None:
 
 
 def resolve_structures(
-    layers, structures
+    layers: tuple[LayerInfo, ...], structures: Structures
 ) -> dict[str, tuple[type[StructuredMatrix], type[StructuredMatrix]]]:
     """Per layer name, the structure types of (K, C).
 
@@ -130,8 +131,9 @@ def resolve_structures(
                 f"for layer {info.name!r}"
             )
         forced = layer_kind(info).structures  # e.g. an embedding's diagonal K
-        pair = tuple(f if f is not None else p for f, p in zip(forced, pair))
-        out[info.name] = (_structures.get(pair[0]), _structures.get(pair[1]))
+        name_K = pair[0] if forced[0] is None else forced[0]
+        name_C = pair[1] if forced[1] is None else forced[1]
+        out[info.name] = (_structures.get(name_K), _structures.get(name_C))
     return out
 
 
@@ -284,12 +286,12 @@ def scale_by_kronecker_factors(
     damping: Number = 1e-3,
     alpha1: Number = 0.5,
     lr_cov: Number | Callable = 1e-2,
-    structures=("dense", "dense"),
+    structures: Structures = ("dense", "dense"),
     kfac_approx: str = "expand",
-    loss_average="batch",
+    loss_average: LossAverage = "batch",
     kfac_like: bool = False,
     normalize_lr_cov: bool = False,
-    preconditioner_dtype=(None, None),
+    preconditioner_dtype: PreconditionerDtype = (None, None),
     cache_preconditioner: bool = False,
 ) -> GradientTransformation:
     """SINGD's preconditioning stage: ``u <- C C^T G K K^T / grad_scale`` per layer.
@@ -339,12 +341,12 @@ def singd(
     alpha1: Number = 0.5,
     weight_decay: Number = 0.0,
     lr_cov: Number | Callable = 1e-2,
-    structures=("dense", "dense"),
+    structures: Structures = ("dense", "dense"),
     kfac_approx: str = "expand",
-    loss_average="batch",
+    loss_average: LossAverage = "batch",
     kfac_like: bool = False,
     normalize_lr_cov: bool = False,
-    preconditioner_dtype=(None, None),
+    preconditioner_dtype: PreconditionerDtype = (None, None),
     fallback: GradientTransformation | None = None,
     cache_preconditioner: bool = False,
 ) -> GradientTransformation:

@@ -49,7 +49,7 @@ _HIERARCHICAL = re.compile(r"hierarchical(\d+)_(\d+)")
 VALID_NAMES = (*_FIXED, "block{B}diagonal", "hierarchical{K1}_{K2}")
 
 
-def get(name: str) -> type[StructuredMatrix]:
+def get(name: str | type[StructuredMatrix]) -> type[StructuredMatrix]:
     """The structure type called ``name`` (see the module docstring).
 
     Raises:
