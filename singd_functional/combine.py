@@ -97,9 +97,11 @@ def apply_updates(
     params: Mapping[str, Tensor], updates: Mapping[str, Tensor | None]
 ) -> dict[str, Tensor]:
     """``params + updates`` leaf by leaf, out of place; a missing/None update keeps the leaf."""
-    return {
-        k: p if (u := updates.get(k)) is None else p + u.to(p.dtype) for k, p in params.items()
-    }
+    out = {}
+    for k, p in params.items():  # a loop: dynamo cannot read a comprehension's walrus cell
+        u = updates.get(k)
+        out[k] = p if u is None else p + u.to(p.dtype)
+    return out
 
 
 def takes_labels(update: Callable) -> Callable:

@@ -274,9 +274,10 @@ def check_compiled_sweep(backend):
         assert ((s_c.params[k] - p).norm() / p.norm()).item() <= 1e-5
     # the diverged member's optimizer state (factors, momenta, velocity, count) is kept
     # as it was before its first step, in the compiled sweep as in the eager one
-    start = optree.tree_leaves(sweep.init(stacked, stacked=True).opt_state)
+    start = optree.tree_leaves(sweep.init(stacked, stacked=True).opt_state,
+                               namespace=sf.PYTREE_NAMESPACE)
     for side in (s_c, s_e):
-        leaves = optree.tree_leaves(side.opt_state)
+        leaves = optree.tree_leaves(side.opt_state, namespace=sf.PYTREE_NAMESPACE)
         assert len(leaves) == len(start)
         for leaf, first in zip(leaves, start):
             assert torch.equal(leaf[1], first[1]), "the diverged member's state changed"
