@@ -2,7 +2,8 @@
 
 * ``api.md``: one mkdocstrings block per name of ``singd_functional.__all__`` (read from
   the package's ``__init__.py`` with ``ast``, so adding a public name adds its entry).
-* ``notebooks/<name>.md``: each ``notebooks/*.ipynb`` rendered as markdown (markdown cells
+* ``notebooks/<name>.md``: each ``notebooks/*.ipynb`` rendered as markdown, listed in
+  the nav's "Notebooks" section (markdown cells
   as they are, code cells as Python blocks; the notebooks are committed without outputs,
   so none are shown). Links to ``../docs/<page>`` become links between site pages;
   links to other repository files become plain code spans (the site holds no copy).
@@ -109,6 +110,18 @@ def _plain_repo_links(text: str) -> str:
 def notebook_index() -> str:
     readme = (ROOT / "notebooks" / "README.md").read_text(encoding="utf-8")
     return _plain_repo_links(readme)
+
+
+def on_config(config):
+    """The "Notebooks" section of the nav lists every notebooks/*.ipynb (a new one appears
+    without editing mkdocs.yml)."""
+    pages = ["notebooks/index.md"] + [
+        f"notebooks/{nb.stem}.md" for nb in sorted((ROOT / "notebooks").glob("*.ipynb"))
+    ]
+    for entry in config["nav"] or []:
+        if isinstance(entry, dict) and "Notebooks" in entry:
+            entry["Notebooks"] = pages
+    return config
 
 
 def on_files(files: Files, config) -> Files:
