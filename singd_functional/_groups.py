@@ -214,7 +214,8 @@ def default_parameters(model: nn.Module, warn_unsupported: bool) -> list[Tensor]
     if left_out and warn_unsupported:
         warnings.warn(
             f"SINGD(params=None) trains only the parameters of preconditioned layers "
-            f"(sf.describe(sf.find_layers(model)) lists them); these trainable parameters will NOT be trained: "
+            f"(sf.describe(sf.find_layers(model)) lists them); these trainable parameters "
+            f"will NOT be trained: "
             f"{', '.join(left_out)}. Pass them explicitly in `params` (they then get SINGD's "
             "heavy-ball step without preconditioner), train them with another optimizer, or "
             "silence this with warn_unsupported=False",
