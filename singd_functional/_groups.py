@@ -35,6 +35,7 @@ class Layer:
     info: LayerInfo
     module: nn.Module
     group: int  # index in ``param_groups``
+    weight_path: str = "weight"  # where ``module`` holds the weight (``in_proj_weight``)
     handle: Any = None  # its forward hook
     # (x, dL/dz) per call reached by the backward pass that is running
     reached: list = dataclasses.field(default_factory=list)
@@ -128,7 +129,8 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
                       state.momenta.get(info.name))
     group.setdefault("step", 0)
 
-    layers = tuple(Layer(info, mod, index) for info, mod in zip(infos, modules))
+    layers = tuple(Layer(info, mod, index, _path_in(mod, params[info.weight]))
+                   for info, mod in zip(infos, modules))
     sites: dict[int, list[Layer]] = {}
     for layer in layers:
         if layer_kind(layer.info).forward is None:
@@ -193,7 +195,7 @@ def follow_params(optimizer, layer: Layer) -> dict:
 def check_weight(grp: Group, layer: Layer) -> Tensor:
     """The layer's weight, if its module still holds the parameter the group was built with."""
     w = grp.weight(layer)
-    if _parameter(optimizer.model, layer.info.weight) is not w:
+    if _parameter(layer.module, layer.weight_path) is not w:
         raise RuntimeError(
             f"the weight of layer {layer.name!r} is no longer the parameter this optimizer "
             "was built with (a new nn.Parameter was assigned, or the model was converted "
@@ -202,6 +204,11 @@ def check_weight(grp: Group, layer: Layer) -> Tensor:
             "(model.to(...) with the default settings keeps the parameters)"
         )
     return w
+
+
+def _path_in(module: nn.Module, weight: Tensor) -> str:
+    """The name of ``weight`` inside ``module`` (a tied weight: the name it has there)."""
+    return next(n for n, p in module.named_parameters(remove_duplicate=False) if p is weight)
 
 
 def _parameter(model: nn.Module, key: str) -> Tensor | None:
