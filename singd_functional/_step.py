@@ -58,7 +58,7 @@ def check(grp: Group, group: dict) -> None:
             f"optimizer was built (was {dict(zip(LOCKED, grp.locked))}); the factors "
             "cannot change structure: build a new optimizer instead"
         )
-    if not grp.keeps_momenta and not group["kfac_like"] and group["alpha1"] != 0:
+    if grp.layers and not grp.keeps_momenta and not group["kfac_like"] and group["alpha1"] != 0:
         raise ValueError(
             f"{where} was built with alpha1=0 (no Riemannian momenta kept); "
             "it cannot be raised later: build the optimizer with alpha1 > 0"

@@ -244,3 +244,18 @@ def test_vmapped_sweep_equals_one_hot_linear_per_member():
             updates, st = tx_b.update(grads, st, params, captures=caps)
             params = sf.apply_updates(params, updates)
         assert_same({k: v[i] for k, v in state.params.items()}, oracle_view(params))
+
+
+def test_a_param_group_without_layers_steps():
+    """A group of only fallback parameters (here the table, its kind switched off)
+    keeps no Riemannian momenta, and that is no reason to refuse its alpha1 (was a
+    ValueError at the first step)."""
+    model = Model(nn.Embedding(V, D).double())
+    with sf.register_layer_kind(nn.Embedding, None):
+        opt = sf.SINGD(model, [{"params": list(model.head.parameters())},
+                               {"params": [model.emb.weight], "lr": 0.2}], **HP)
+    before = model.emb.weight.detach().clone()
+    ids, y = batches(1)[0]
+    lm_loss(model(ids), y).backward()
+    opt.step()
+    assert not torch.equal(model.emb.weight, before)
