@@ -8,15 +8,23 @@ hook sees these maps, so the kind brings its own forward (:func:`attention_forwa
 the same computation with every projection routed through a *tap*, which the capture
 and the drop-in use to read the projection's input and the gradient of its output.
 
-The layers of one attention module ``attn`` (docs/algorithm.md, "Layers"):
+The layers of one attention module ``attn`` (each ``z = W~ a`` of docs/algorithm.md):
 
 * ``attn.in_proj``: ``[q; k; v] = W_in x + b_in`` as ONE ``Linear(E, 3E)`` (weight
-  ``in_proj_weight`` [3E, E], bias ``in_proj_bias``). It is called once per distinct
-  input: self-attention (query is key is value) is one call; cross-attention with key
-  is value is two (the query feeds rows [0, E), the key/value rows [E, 3E)); three
-  different tensors are three calls. Each call's output gradient has all 3E columns,
-  zero where that input does not feed, which is exactly what a ``Linear(E, 3E)`` whose
-  unused output columns are dropped would see.
+  ``in_proj_weight`` [3E, E], bias ``in_proj_bias``), applied once per distinct input:
+  self-attention (query is key is value) is one input; cross-attention with key is
+  value is two (the query feeds rows [0, E), the key/value rows [E, 3E)); three
+  different tensors are three. The layer is tapped once per module call with the
+  distinct inputs concatenated along the positions and their outputs padded with
+  zeros to all 3E columns; so each input's output gradient has the 3E columns, zero
+  where that input does not feed, and the statistics pool the inputs' positions,
+  exactly as for a ``Linear(E, 3E)`` called once per input with its unused output
+  columns dropped (the oracle in tests/test_layers_attention.py). Only the rows each
+  input feeds are computed; the padding and concatenation cost one copy of the
+  projections on statistics steps of cross-attention (measured: cross-attention
+  forward + backward 0.99x PyTorch's ``nn.MultiheadAttention`` with the taps, 0.85x
+  without; self-attention 0.92x / 0.84x; E=64, 4 heads, N=32, L=64, one thread, a
+  loaded machine, median of 25 interleaved runs).
 * ``attn.q_proj``, ``attn.k_proj``, ``attn.v_proj`` instead when the projections are
   separate (``kdim``/``vdim`` differ from ``embed_dim``): one ``Linear`` each with its
   own input. Their biases are slices of one tensor, ``in_proj_bias``; a Kronecker layer
@@ -29,15 +37,25 @@ Captured rows are batch-first ([N, L, E]) whatever ``batch_first`` says, so N is
 batch size for ``loss_average="batch"``; an unbatched call ([L, E]) is a batch of one.
 
 Refused (a ValueError that says what to do): ``add_bias_kv`` and ``add_zero_attn``
-(the appended key/value positions are not rows of a projection). Dropout is computed
-with the same operations in the same order as PyTorch's, so a seeded run draws the same
-mask.
+(the appended key/value positions are not rows of a projection). Dropout is applied
+where PyTorch applies it (on the attention weights, or inside
+``scaled_dot_product_attention``); the equality tests run with dropout 0.
 
-Why a re-implementation rather than intercepting ``F.linear`` calls inside PyTorch's
-function: which ``linear`` calls PyTorch makes (packed, split, chunked weight views)
-is an implementation detail that has changed between releases, and fx cannot trace
-``MultiheadAttention.forward`` (it branches on ``query.dim()``). Written out here, the
-calls are fixed, fx traces them, and dynamo compiles them (see tests).
+Why a re-implementation (:func:`attention_forward`, the kind's ``forward``) rather
+than a ``TorchFunctionMode`` that intercepts the ``linear`` calls PyTorch's function
+makes on ``in_proj_weight`` (or a view of it) and ``out_proj.weight``: which calls
+PyTorch makes (packed, split, chunked views) is an implementation detail that has
+changed between releases, a mode is one more layer that dynamo must trace, and fx
+cannot trace ``MultiheadAttention.forward`` at all (it branches on ``query.dim()``).
+Written out, the calls are fixed, the capture's fx program calls this function where
+the model calls the module, dynamo compiles it (``fullgraph=True``, see tests), and it
+is not slower than PyTorch's (figures above). It is checked against
+``nn.MultiheadAttention`` (outputs, attention weights, gradients; 4e-16 in float64) for
+``batch_first`` both ways, unbatched input, self / cross / three-input attention,
+separate projections, boolean, float, 3-D and causal masks, ``key_padding_mask``,
+``need_weights`` both ways and ``average_attn_weights``. The drop-in optimizer
+computes the module's output once more through it on statistics steps (its forward
+hook, ``_recording.SiteHook``).
 """
 
 from __future__ import annotations
