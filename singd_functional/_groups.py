@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import _options
 from .combine import GradientTransformation
 from .factors import Factors
-from .layers import LayerInfo, find_layers, layer_kind, module_layers
+from .layers import LayerInfo, layer_kind, module_layers
 from .transform import singd
 
 # Group entries fixed when the group's state is created (its layout depends on them).
@@ -35,7 +35,6 @@ class Layer:
     info: LayerInfo
     module: nn.Module
     group: int  # index in ``param_groups``
-    weight_path: str = "weight"  # where ``module`` holds the weight (``in_proj_weight``)
     handle: Any = None  # its forward hook
     # (x, dL/dz) per call reached by the backward pass that is running
     reached: list = dataclasses.field(default_factory=list)
@@ -83,7 +82,7 @@ def locked(group: dict) -> tuple:
 
 def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
     """The layers of param group ``index``, their initial state and their hooks."""
-    from ._recording import CaptureHook, SiteHook  # the hooks record into these records
+    from ._recording import CaptureHook, KindHook  # the hooks record into these records
 
     for entry, what in (("structures", "structure name"), ("preconditioner_dtype", "dtype")):
         group[entry] = _options.pair(group[entry], entry, what)
@@ -93,28 +92,22 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
     owner = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     keys = {id(p): names.get(id(p), f"param_groups[{index}][{i}]")
             for i, p in enumerate(group["params"])}
+    # the layer rule over every parameter this optimizer trains (any group), so that a
+    # layer split across groups is seen and refused
+    trained = {i: names[i] for i in owner if i in names}
+    group_of = {names[i]: g for i, g in owner.items() if i in names}
 
-    by_key = dict(model.named_parameters())
-    trainable = {id(p): names[id(p)] for p in by_key.values() if id(p) in owner}
     infos, modules = [], []
-    site_groups: dict[str, set[int]] = {}  # one hook computes all layers of such a module
-    for _, mod, info in module_layers(model, trainable):
-        groups = [owner[id(by_key[k])] for k in info.params]
-        if layer_kind(info).forward is not None:
-            site_groups.setdefault(info.site, set()).update(groups)
-            if len(site_groups[info.site]) > 1:
-                raise ValueError(
-                    f"the parameters of {info.site!r} ({info.kind}) are split across param "
-                    f"groups {sorted(site_groups[info.site])}; its layers are recorded in one "
-                    "forward, so put all of that module's parameters in one param group"
-                )
-        if index not in groups:
+    for _, mod, info in module_layers(model, trained):
+        where = {k: group_of[k] for k in info.params}
+        if index not in where.values():
             continue
-        if any(g != groups[0] for g in groups):
+        if len(set(where.values())) > 1:
+            placed = ", ".join(f"{k} in group {g}" for k, g in where.items())
             raise ValueError(
-                f"layer {info.name!r} is split across param groups (weight in group "
-                f"{groups[0]}, bias in group {groups[-1]}); SINGD preconditions [W | b] "
-                "jointly, so put a layer's weight and bias in the same param group"
+                f"layer {info.name!r} is split across param groups ({placed}); SINGD "
+                "preconditions [W | b] jointly, so put a layer's weight and bias in the "
+                "same param group"
             )
         infos.append(info)
         modules.append(mod)
@@ -129,17 +122,18 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
                       state.momenta.get(info.name))
     group.setdefault("step", 0)
 
-    layers = tuple(Layer(info, mod, index, _path_in(mod, params[info.weight]))
-                   for info, mod in zip(infos, modules))
-    sites: dict[int, list[Layer]] = {}
+    layers = tuple(Layer(info, mod, index) for info, mod in zip(infos, modules))
     for layer in layers:
         if layer_kind(layer.info).forward is None:
             layer.handle = layer.module.register_forward_hook(CaptureHook(optimizer, layer))
-        else:  # the layers of one module whose kind computes its forward: one hook
-            sites.setdefault(id(layer.module), []).append(layer)
-    for site in sites.values():
-        site[0].handle = site[0].module.register_forward_hook(
-            SiteHook(optimizer, tuple(site)), with_kwargs=True)
+            continue
+        # a kind that taps its layers inside the module call: ONE hook per module, over
+        # its layers in every param group (each hook would run the forward again)
+        hook = optimizer._kind_hooks.get(id(layer.module))
+        if hook is None:
+            hook = optimizer._kind_hooks[id(layer.module)] = KindHook(optimizer, layer.module)
+            layer.handle = layer.module.register_forward_hook(hook, with_kwargs=True)
+        hook.add(layer)
     return Group(index, layers, params, locked(group), bool(state.momenta))
 
 
@@ -195,7 +189,7 @@ def follow_params(optimizer, layer: Layer) -> dict:
 def check_weight(grp: Group, layer: Layer) -> Tensor:
     """The layer's weight, if its module still holds the parameter the group was built with."""
     w = grp.weight(layer)
-    if _parameter(layer.module, layer.weight_path) is not w:
+    if _current_weight(layer) is not w:
         raise RuntimeError(
             f"the weight of layer {layer.name!r} is no longer the parameter this optimizer "
             "was built with (a new nn.Parameter was assigned, or the model was converted "
@@ -206,28 +200,37 @@ def check_weight(grp: Group, layer: Layer) -> Tensor:
     return w
 
 
-def _path_in(module: nn.Module, weight: Tensor) -> str:
-    """The name of ``weight`` inside ``module`` (a tied weight: the name it has there)."""
-    return next(n for n, p in module.named_parameters(remove_duplicate=False) if p is weight)
+def _current_weight(layer: Layer):
+    """The tensor the layer's module holds now where its weight was (None: not found).
 
-
-def _parameter(model: nn.Module, key: str) -> Tensor | None:
-    try:
-        return model.get_parameter(key)
-    except AttributeError:
-        return None
+    The weight key is the module's path plus the attribute path below it
+    (``blocks.0.attn.in_proj_weight``, ``...attn.out_proj.weight``); a weight named from
+    elsewhere (a tied weight first registered by another module) is the module's
+    ``weight`` attribute.
+    """
+    site, key = layer.info.site, layer.info.weight
+    if site == "" or key.startswith(site + "."):
+        *path, attr = (key if site == "" else key[len(site) + 1:]).split(".")
+        try:
+            return getattr(layer.module.get_submodule(".".join(path)), attr)
+        except AttributeError:
+            return None
+    return getattr(layer.module, "weight", None)
 
 
 def default_parameters(model: nn.Module, warn_unsupported: bool) -> list[Tensor]:
-    """``params=None``: the trainable parameters of supported layers; warn about the rest."""
+    """``params=None``: the trainable parameters of the layers; warn about the rest."""
+    keys = {id(p): k for k, p in model.named_parameters() if p.requires_grad}
     by_key = dict(model.named_parameters())
-    chosen = {id(by_key[k]): by_key[k] for info in find_layers(model) for k in info.params}
+    chosen: dict[int, Tensor] = {}
+    for _, _, info in module_layers(model, keys):
+        for k in info.params:
+            chosen.setdefault(id(by_key[k]), by_key[k])
     left_out = [k for k, p in model.named_parameters() if p.requires_grad and id(p) not in chosen]
     if left_out and warn_unsupported:
         warnings.warn(
             f"SINGD(params=None) trains only the parameters of preconditioned layers "
-            f"(sf.describe(sf.find_layers(model)) lists them); these trainable parameters "
-            f"will NOT be trained: "
+            f"(opt.describe() lists them); these trainable parameters will NOT be trained: "
             f"{', '.join(left_out)}. Pass them explicitly in `params` (they then get SINGD's "
             "heavy-ball step without preconditioner), train them with another optimizer, or "
             "silence this with warn_unsupported=False",
@@ -235,3 +238,8 @@ def default_parameters(model: nn.Module, warn_unsupported: bool) -> list[Tensor]
         )
     return list(chosen.values())
 
+
+def not_preconditioned(optimizer) -> list[str]:
+    """Keys of the trained parameters that no layer owns (they get the identity step)."""
+    owned = {k for layer in all_layers(optimizer._groups) for k in layer.info.params}
+    return [k for grp in optimizer._groups for k in grp.params if k not in owned]

@@ -59,54 +59,6 @@ class CaptureHook:
         self.optimizer = self.layer = _dead
 
 
-class SiteHook:
-    """Forward hook (``with_kwargs=True``) of a module whose kind computes its forward.
-
-    ``nn.MultiheadAttention`` applies its projections inside one call, where no module
-    hook sees them. On steps with statistics due (grad enabled) this hook computes the
-    module's output once more through the kind's ``forward``, whose taps keep each
-    layer's input and ask for dL/dz, and returns it in place of the first output
-    (which is dropped with its graph). Costs one more forward of the module on those
-    steps only (every T-th); with dropout the second forward draws its own mask. Weak
-    references as :class:`CaptureHook`: copies of the model are inert.
-    """
-
-    def __init__(self, optimizer, layers: tuple[Layer, ...]):
-        self.optimizer = weakref.ref(optimizer)
-        self.layers = tuple(weakref.ref(layer) for layer in layers)
-        self.names = tuple(layer.name for layer in layers)
-
-    def __call__(self, module, args, kwargs, output):
-        opt, layers = self.optimizer(), [ref() for ref in self.layers]
-        if opt is None or not layers or any(l is None for l in layers) \
-                or module is not layers[0].module:
-            return None
-        if not torch.is_grad_enabled():
-            return None
-        group = opt.param_groups[layers[0].group]
-        if group["step"] % group["T"] != 0:
-            return None
-        by_name = {layer.name: layer for layer in layers}
-        ref = weakref.ref(opt)
-
-        def tap(name, a, z):
-            if z.requires_grad:
-                layer, x = by_name[name], a.detach()
-                z.register_hook(lambda g: _on_output_grad(ref, layer, x, g))
-            return z
-
-        forward = layer_kind(layers[0].info).forward
-        return forward(module, tuple(l.info for l in layers), tap, args, kwargs)
-
-    def __getstate__(self):
-        return {"names": self.names}
-
-    def __setstate__(self, state):
-        self.names = state["names"]
-        self.optimizer = _dead
-        self.layers = ()
-
-
 def _dead():
     return None
 
@@ -126,6 +78,53 @@ def record(optimizer, layer: Layer, args, output) -> None:
     x = args[0].detach()
     ref = weakref.ref(optimizer)
     output.register_hook(lambda g: _on_output_grad(ref, layer, x, g))
+
+
+class KindHook:
+    """Forward hook (with kwargs) of a module whose kind taps its layers itself.
+
+    On steps that record, it runs the kind's ``forward`` again with taps that keep each
+    due layer's input and ask for its output gradient, and returns that output in place
+    of the module's (same values; the module's own output is dropped, so such a module
+    computes its forward twice on recording steps only). Copies are inert, as with
+    :class:`CaptureHook`.
+    """
+
+    def __init__(self, optimizer, module):
+        self.optimizer = weakref.ref(optimizer)
+        self.module = weakref.ref(module)
+        self.layers: list = []
+
+    def add(self, layer: Layer) -> None:
+        self.layers.append(weakref.ref(layer))
+
+    def __call__(self, module, args, kwargs, output):
+        opt = self.optimizer()
+        if opt is None or module is not self.module() or not torch.is_grad_enabled():
+            return None
+        due = [layer for layer in (r() for r in self.layers) if layer is not None
+               and opt.param_groups[layer.group]["step"] % opt.param_groups[layer.group]["T"] == 0]
+        if not due:
+            return None
+        by_name = {layer.name: layer for layer in due}
+        ref = weakref.ref(opt)
+
+        def tap(name, a, z):
+            layer = by_name.get(name)
+            if layer is not None and isinstance(z, Tensor) and z.requires_grad:
+                x = a.detach()
+                z.register_hook(lambda g: _on_output_grad(ref, layer, x, g))
+            return z
+
+        forward = layer_kind(due[0].info).forward
+        return forward(module, tuple(layer.info for layer in due), tap, args, kwargs)
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.optimizer = self.module = _dead
+        self.layers = []
 
 
 def _on_output_grad(ref, layer: Layer, x: Tensor, g: Tensor) -> None:

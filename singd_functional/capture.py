@@ -144,7 +144,9 @@ def _perturbing_hooks(model: nn.Module, layers, perturbations, record):
         record[info.name] = []
 
     def tap(name, a, z):
-        calls = record[name]
+        calls = record.get(name)
+        if calls is None:  # a layer of the module that is not captured
+            return z
         i = len(calls)
         calls.append(a)
         return z if perturbations is None else z + perturbations[name][i]
@@ -166,7 +168,8 @@ def _output_shapes(model, layers, params, buffers, inputs):
     out_record: dict[str, list] = {info.name: [] for info in layers}
 
     def tap(name, a, z):
-        out_record[name].append((tuple(z.shape), z.dtype))
+        if name in out_record:
+            out_record[name].append((tuple(z.shape), z.dtype))
         return z
 
     with torch.no_grad(), _tapped(model, layers, tap):
@@ -275,7 +278,9 @@ def _kind_call(infos: tuple[LayerInfo, ...]):
         outputs: list[Any] = [None] * len(infos)
 
         def tap(name, a, z):
-            j = position[name]
+            j = position.get(name)
+            if j is None:  # a layer of the module that is not captured
+                return z
             inputs[j], outputs[j] = a, z
             return z if perturbations is None else z + perturbations[j]
 
@@ -308,7 +313,9 @@ def _trace(model: nn.Module, layers: tuple[LayerInfo, ...]) -> _FxProgram:
                 env[node] = graph.node_copy(node, env.__getitem__)
         # a keyword with a default, so it fits after any signature (defaults, *args)
         pert = graph.placeholder(_PERTURBATIONS, default_value=None) if perturb else None
-        recorded, outputs, calls = [], [], []
+        recorded: list[Any] = []
+        outputs: list[Any] = []
+        calls: list[str] = []
 
         def slot() -> Any:
             return graph.call_function(operator.getitem, (pert, len(calls))) if perturb else None
@@ -370,7 +377,7 @@ def _fx_output_shapes(program: _FxProgram, state, inputs) -> list:
             return torch.empty(t.shape, dtype=t.dtype, device="meta")
         return t
 
-    full = dict(program.probe.named_parameters())
+    full: dict[str, Tensor] = dict(program.probe.named_parameters())
     full.update(program.probe.named_buffers())
     full.update({k: v for k, v in state.items() if k in program.probe_keys})
     with torch.no_grad():

@@ -150,11 +150,16 @@ class LayerKind:
         forward: None, or ``forward(module, infos, tap, args, kwargs) -> output`` for
             modules whose layers are not "the module's input -> the module's output"
             (attention: projections inside one call). It computes the module's output
-            and routes each layer's linear map through ``tap(layer_name, a, z) -> z``
-            (``a`` the layer input as ``rows`` expects it, ``z`` its output; use the
-            returned tensor). Capture (hooks and fx) and the drop-in call it instead
-            of ``module.forward`` for the modules of this kind; with None they record
-            ``args[0]`` and perturb the module output.
+            (the same values as ``module(*args, **kwargs)``) and routes the linear map
+            of each layer in ``infos`` through ``tap(layer_name, a, z) -> z`` (``a`` the
+            layer input as ``rows`` expects it, ``z`` its output; use the returned
+            tensor), once per layer per call. ``infos`` are the layers being captured,
+            possibly a subset of what ``describe`` gave (a tap of another name passes
+            ``z`` through). The pure capture calls it instead of ``module.forward``
+            (hooks: the instance's ``forward`` is shadowed for the call; fx: the module
+            call node becomes a call of it); the drop-in calls it from a forward hook
+            on recording steps and uses its output (the module's own is dropped). With
+            None, capture records ``args[0]`` and perturbs the module's output.
         yields_tied: when a layer of another kind shares this layer's weight (weight
             tying, e.g. ``head.weight is embedding.weight``), that layer owns the weight
             and this one is dropped, wherever the two are in ``named_modules()``.
@@ -175,12 +180,12 @@ class LayerKind:
 
 
 # ------------------------------------------------------------------ built-in kinds
-def _bias_key(mod: nn.Module, param_keys: Mapping[int, str]) -> str | None:
+def _bias_key(mod: Any, param_keys: Mapping[int, str]) -> str | None:
     b = getattr(mod, "bias", None)
     return param_keys.get(id(b)) if isinstance(b, Tensor) else None
 
 
-def _describe_linear(name: str, mod: nn.Module, param_keys: Mapping[int, str]):
+def _describe_linear(name: str, mod: Any, param_keys: Mapping[int, str]):
     weight = param_keys.get(id(mod.weight)) if isinstance(mod.weight, Tensor) else None
     if weight is None:
         return None
@@ -195,7 +200,7 @@ def _linear_rows(info: LayerInfo, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]
     return x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1])
 
 
-def _conv_padding(mod: nn.Module, ks: tuple[int, int], dil: tuple[int, int]):
+def _conv_padding(mod: Any, ks: tuple[int, int], dil: tuple[int, int]):
     pad = mod.padding
     if pad == "valid":
         return (0, 0, 0, 0)
@@ -214,7 +219,7 @@ def _conv_padding(mod: nn.Module, ks: tuple[int, int], dil: tuple[int, int]):
 def _describe_conv(kind: str):
     is_1d = kind == "conv1d"
 
-    def describe(name: str, mod: nn.Module, param_keys: Mapping[int, str]):
+    def describe(name: str, mod: Any, param_keys: Mapping[int, str]):
         weight = param_keys.get(id(mod.weight)) if isinstance(mod.weight, Tensor) else None
         if weight is None:
             return None

@@ -372,3 +372,66 @@ def test_kind_forward_taps_under_vmap(two_kind):
             for u, v in zip(caps[name].output_grads, one[2][name].output_grads):
                 assert torch.allclose(u[i], v, rtol=1e-12, atol=1e-15), name
         assert torch.allclose(grads["core.w_in"][i], one[1]["core.w_in"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["blocks", "encoder"])
+def test_transformer_both_faces_same_numbers(case):
+    """Drop-in (hooks) and pure core (fx, and hooks) train a stock-block GPT alike."""
+    make, _ = MODELS[case]
+    hp = dict(lr=0.05, momentum=0.9, damping=1e-3, alpha1=0.5, lr_cov=0.05)
+    structures = ("dense", "hierarchical3_2")
+
+    def fresh():
+        torch.manual_seed(0)
+        return make().double()
+
+    model = fresh()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the parameters without preconditioner are named
+        opt = sf.SINGD(model, model.parameters(), T=2, structures=structures, **hp)
+    assert opt.layers == sf.find_layers(model)
+    for t in range(4):
+        x, y = tokens(t)
+        opt.zero_grad()
+        lm_loss(model(x), y).backward()
+        opt.step()
+    dropin = dict(model.named_parameters())
+
+    for method in ("fx", "hooks"):
+        ref = fresh()
+        layers = sf.find_layers(ref)
+        capture = sf.make_capture(ref, lm_loss, layers, method=method)
+        tx = sf.singd(layers, structures=structures, **hp)
+        params = {k: v.detach().clone() for k, v in ref.named_parameters()}
+        state = tx.init(params)
+        for t in range(4):
+            x, y = tokens(t)
+            _, grads, caps = capture(params, x, y)
+            updates, state = tx.update(grads, state, params, captures=caps if t % 2 == 0 else None)
+            params = sf.apply_updates(params, updates)
+        start = dict(fresh().named_parameters())
+        for k, p in params.items():
+            err = ((dropin[k] - p).norm() / p.norm()).item()
+            assert err <= 1e-10, f"{method} {k}: {err:.2e}"
+        assert all((params[i.weight] - start[i.weight]).abs().max() > 1e-3 for i in layers)
+
+
+def test_transformer_capture_under_vmap():
+    """Two parameter sets of the block GPT, vmapped (hooks and fx), equal a loop."""
+    torch.manual_seed(0)
+    model = GPT(blocks=1).double()
+    layers = sf.find_layers(model)
+    base = {k: v.detach() for k, v in model.named_parameters()}
+    stacked = {k: torch.stack([v, v * 0.8]) for k, v in base.items()}
+    x, y = tokens(4)
+    for method in ("hooks", "fx"):
+        capture = sf.make_capture(model, lm_loss, layers, method=method)
+        loss, grads, caps = torch.func.vmap(lambda p, c=capture: c(p, x, y))(stacked)
+        for i in range(2):
+            one = capture({k: v[i] for k, v in stacked.items()}, x, y)
+            assert torch.allclose(loss[i], one[0], rtol=1e-12), method
+            for k in base:
+                assert torch.allclose(grads[k][i], one[1][k], rtol=1e-10, atol=1e-13), k
+            for info in layers:
+                for u, v in zip(caps[info.name].output_grads, one[2][info.name].output_grads):
+                    assert torch.allclose(u[i], v, rtol=1e-10, atol=1e-14), info.name

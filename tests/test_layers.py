@@ -8,11 +8,15 @@
 - a registered kind (GPT-2's ``Conv1D``, weight stored transposed, written here) gives
   the same parameters as the equal ``nn.Linear`` model after several SINGD steps
   (float64, 1e-10): pure face with hooks and with fx capture, and the drop-in face;
-- describe() / summary() list exactly the preconditioned layers.
+- describe() / summary() list exactly the preconditioned layers;
+- the drop-in: ``opt.layers`` / ``opt.describe()``, the INFO summary, one warning for
+  parameters without preconditioner and one for layers it cannot record; a kind with
+  its own ``forward`` trains as on the pure face and as its ``nn.Linear`` twin.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -373,3 +377,118 @@ def test_kind_statistics_and_forced_structure(method):
     K_rows, K_counts = rows_state.factors["lookup"].K, count_state.factors["lookup"].K
     assert torch.allclose(K_counts.to_dense(), K_rows.to_dense(), rtol=1e-12, atol=1e-14)
     assert not torch.allclose(K_rows.to_dense(), torch.eye(7, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------ the drop-in face
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = CastedLinear(6, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.fc(x))).mean(1)
+
+
+def test_dropin_lists_what_it_preconditions_and_logs_it(caplog):
+    torch.manual_seed(0)
+    model = Mixed().double()
+    with caplog.at_level("INFO", logger="singd_functional"), warnings.catch_warnings(
+            record=True) as caught:
+        warnings.simplefilter("always")
+        opt = sf.SINGD(model, [{"params": list(model.fc.parameters()),
+                                "structures": ("diagonal", "dense")},
+                               {"params": list(model.norm.parameters())
+                                + list(model.head.parameters())}])
+    assert opt.layers == sf.find_layers(model)
+    assert [r.getMessage() for r in caplog.records] == [
+        "SINGD: 2 preconditioned layers (2 linear), 83 parameters; "
+        "2 parameter tensors without preconditioner"]
+    assert len(caught) == 1 and "norm.weight, norm.bias" in str(caught[0].message)
+    lines = opt.describe().splitlines()
+    assert lines[2].split()[:6] == ["fc", "linear", "7", "8", "diagonal", "dense"]
+    assert lines[3].split()[:6] == ["head", "linear", "9", "3", "dense", "dense"]
+    assert lines[4] == "not preconditioned (SGD with momentum): norm.weight, norm.bias"
+
+
+def test_dropin_kind_forward_equals_pure_face_and_linear_twin():
+    from tests.test_capture_containers import (
+        TWIN_NAMES,
+        TWO,
+        TwoProjections,
+        linear_twin,
+        two_model,
+    )
+
+    def batches_two(steps=5):
+        g = torch.Generator().manual_seed(3)
+        return [(torch.randn(6, 4, 5, generator=g, dtype=torch.float64),
+                 torch.randint(0, 3, (6,), generator=g)) for _ in range(steps)]
+
+    def dropin(model):
+        opt = sf.SINGD(model, T=2, structures=("dense", "diagonal"), **HP)
+        for x, y in batches_two():
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return opt, {k: v.detach() for k, v in model.named_parameters()}
+
+    twin_opt, twin = dropin(linear_twin(two_model()))
+    with sf.register_layer_kind(TwoProjections, TWO):
+        model = two_model()
+        opt, ours = dropin(model)
+        assert [i.name for i in opt.layers] == ["core.inner", "core.outer"]
+        assert len(model.core._forward_hooks) == 1  # one hook for the module's two layers
+        clone = copy.deepcopy(model)  # a copy's hook is inert
+        x = torch.randn(2, 4, 5, dtype=torch.float64)
+        assert torch.equal(clone(x), model(x))
+
+        layers = sf.find_layers(model := two_model())
+        capture = sf.make_capture(model, F.cross_entropy, layers, method="hooks")
+        tx = sf.singd(layers, structures=("dense", "diagonal"), **HP)
+        params = {k: v.detach().clone() for k, v in model.named_parameters()}
+        state = tx.init(params)
+        for t, (x, y) in enumerate(batches_two()):
+            _, grads, caps = capture(params, x, y)
+            updates, state = tx.update(grads, state, params,
+                                       captures=caps if t % 2 == 0 else None)
+            params = sf.apply_updates(params, updates)
+    assert_close(ours, params)
+    start = dict(two_model().named_parameters())
+    for k, name in TWIN_NAMES.items():
+        err = ((ours[name] - twin[k]).norm() / twin[k].norm()).item()
+        assert err <= 1e-10, f"{name}: {err:.2e}"
+        assert (ours[name] - start[name]).abs().max() > 1e-3
+
+
+def test_dropin_warns_once_for_a_layer_it_cannot_record():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return F.linear(torch.tanh(self.a(x)), self.b.weight, self.b.bias)
+
+    model = Functional()
+    opt = sf.SINGD(model, T=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(torch.randn(4, 3)), torch.tensor([0, 1, 1, 0])).backward()
+            opt.step()
+    ours = [str(w.message) for w in caught if "SINGD" in str(w.message)]
+    assert len(ours) == 1 and "layers ['b'] have gradients but recorded no statistics" in ours[0]
+
+
+def test_dropin_refuses_a_kind_split_across_groups():
+    from tests.test_capture_containers import TWO, TwoProjections, two_model
+
+    with sf.register_layer_kind(TwoProjections, TWO):
+        model = two_model()
+        core = model.core
+        with pytest.raises(ValueError, match=r"layer 'core.inner' is split across param groups "
+                                             r"\(core.w_in in group 0, core.b_in in group 1\)"):
+            sf.SINGD(model, [{"params": [core.w_in, core.w_out]}, {"params": [core.b_in]}])
