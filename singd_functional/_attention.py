@@ -63,6 +63,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,7 @@ class AttentionLayerInfo(LayerInfo):
     slot: str = IN_PROJ
 
 
-def _refusal(name: str, mha: nn.MultiheadAttention) -> str | None:
+def _refusal(name: str, mha: Any) -> str | None:
     if mha.bias_k is not None or mha.bias_v is not None:
         return "add_bias_kv=True"
     if mha.add_zero_attn:
@@ -91,8 +92,8 @@ def _refusal(name: str, mha: nn.MultiheadAttention) -> str | None:
     return None
 
 
-def describe_attention(name: str, mha: nn.Module, param_keys: Mapping[int, str]):
-    """The projections of ``mha`` whose weights are trained (module docstring)."""
+def describe_attention(name: str, mha: Any, param_keys: Mapping[int, str]):
+    """The projections of ``mha`` (an ``nn.MultiheadAttention``) whose weights are trained."""
     keys = [param_keys.get(id(p)) for p in mha.parameters()]
     if not any(keys):
         return ()
@@ -298,7 +299,7 @@ def _same_map(fn: Callable[[Tensor], Tensor], query: Tensor, key: Tensor, value:
     return q, k, v
 
 
-def _forward(module: nn.Module, infos, tap: Tap, args, kwargs):
+def _forward(module: Any, infos, tap: Tap, args, kwargs):
     """:attr:`LayerKind.forward` of the attention kind: ``tap`` gets the layer names."""
     names = {info.slot: info.name for info in infos}
 

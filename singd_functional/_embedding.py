@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from .capture import LayerCapture
 from .layers import LayerInfo, LayerKind, register_layer_kind
 from .statistics import LayerStatistics, loss_scale
-from .structures import StructuredMatrix
+from .structures import Diagonal, StructuredMatrix
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class EmbeddingLayerInfo(LayerInfo):
     padding_idx: int | None = None
 
 
-def describe_embedding(name: str, mod: nn.Module, param_keys: Mapping[int, str]):
+def describe_embedding(name: str, mod: Any, param_keys: Mapping[int, str]):
     """The layer of ``mod`` (an ``nn.Embedding``) when its weight is trained."""
     weight = param_keys.get(id(mod.weight))
     if weight is None:
@@ -102,7 +103,8 @@ def _statistics(
         per = torch.zeros(N, V, dtype=K.dtype, device=ids.device).scatter_add(1, ids, ones) / S
         A = (per * per).sum(0) / N
         g = g.sum(1)
-    H_K = type(K)(K.values * K.values * A)  # Pi_diag(K^T A K) for a diagonal K and A
+    k = cast(Diagonal, K).values  # the kind forces K diagonal
+    H_K = Diagonal(k * k * A)  # Pi_diag(K^T A K) for a diagonal K and A
     g = g.to(C.dtype)
     H_C = C.project_inner(g.mT).scale(loss_scale(loss_average, N, S) / grad_scale**2)
     return LayerStatistics(H_K, H_C)
