@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import _distributed
+from . import _distributed, _fsdp
 from . import structures as _structures
 from .capture import LayerCapture
 from .combine import GradientTransformation
@@ -371,7 +371,8 @@ class SINGD(torch.optim.Optimizer):
         """The layer's state, re-cast if the model was moved or cast since it was made."""
         group, grp = self.param_groups[index], self._groups[index]
         w = grp.params[info.weight]
-        if self._layer_module[info.name].weight is not w:
+        # fully_shard swaps the module's weight for the gathered one around each forward
+        if self._layer_module[info.name].weight is not w and not _fsdp.is_sharded(w):
             raise RuntimeError(
                 f"the weight of layer {info.name!r} is no longer the parameter this optimizer "
                 "was built with (a new nn.Parameter was assigned, or the model was converted "
@@ -538,12 +539,17 @@ class SINGD(torch.optim.Optimizer):
             products=self._cached_products(factors) if group["T"] > 1 else {},
         )
         statistics = {n: s for n, s in statistics.items() if n in layer_state}
-        updates, new = self._group_transform(grp, group, active).update(
-            grads, state, params,
-            statistics=statistics or None,
-            hyperparams=self._hyperparams(index, group, grp, due=bool(statistics)),
-            grad_scale=grad_scale,
-        )
+        options = dict(statistics=statistics or None, grad_scale=grad_scale,
+                       hyperparams=self._hyperparams(index, group, grp, due=bool(statistics)))
+        if any(_fsdp.is_sharded(p) for p in params.values()):  # fully_shard: on row shards
+            updates, new = _fsdp.sharded_update(
+                active, lambda layers: self._group_transform(grp, group, layers),
+                grads, state, params, **options,
+            )
+        else:
+            updates, new = self._group_transform(grp, group, active).update(
+                grads, state, params, **options
+            )
         for k in keys:
             if k in no_grad:
                 continue

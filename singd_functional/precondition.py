@@ -17,7 +17,7 @@ from .structures import StructuredMatrix
 
 def layer_gradient_matrix(info: LayerInfo, grads) -> Tensor:
     """G = [grad W (flattened to [d_out, d_in]) | grad b] of one layer."""
-    G = grads[info.weight].reshape(info.d_out, -1)
+    G = grads[info.weight].reshape(info.d_out, info.d_in)  # d_out may be 0 (an empty shard)
     if info.bias is not None:
         G = torch.cat([G, grads[info.bias].reshape(info.d_out, 1)], 1)
     return G
