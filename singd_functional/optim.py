@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import _distributed, _fsdp
 from . import structures as _structures
@@ -162,9 +163,13 @@ class SINGD(torch.optim.Optimizer):
     Multi-process: when ``torch.distributed`` is initialised with more than one
     process, the statistics are all-reduced (one flat buffer per step) over
     ``opt.process_group`` (default: the world group; set it to None to train each
-    process on its own). Gradients are never touched: wrap the model in
-    ``DistributedDataParallel``, or average ``p.grad`` over the processes before
-    ``step`` yourself.
+    process on its own). A model wrapped in ``DistributedDataParallel`` or sharded with
+    ``fully_shard`` (FSDP2, HSDP) comes with averaged gradients. For an unwrapped model
+    the step reduces ``p.grad`` itself, in the same collective, as the official package
+    does: averaged for a mean loss, summed for a sum loss (``loss_average=None``); the
+    processes then train as one on the concatenated batch. Set
+    ``opt.reduce_gradients = False`` when something else reduces them (e.g. a DDP
+    wrapper you did not pass to SINGD), True to force it.
 
     A layer without gradient in a step (unused, frozen) is skipped; its state is kept.
     Moving or casting the model after construction (``model.to(...)``) is fine: the
@@ -204,6 +209,7 @@ class SINGD(torch.optim.Optimizer):
         self.warn_unsupported = warn_unsupported
         self.init_grad_scale = float(init_grad_scale)
         self.process_group: Any = _distributed.WORLD
+        self.reduce_gradients: bool | None = None  # None: when the model is unwrapped
         self._groups: list[_Group] = []
         self._layer_group: dict[str, int] = {}
         self._layer_info: dict[str, LayerInfo] = {}
@@ -493,13 +499,36 @@ class SINGD(torch.optim.Optimizer):
                 zeros = LayerStatistics(state["K"].map(torch.zeros_like),
                                         state["C"].map(torch.zeros_like))
                 templates.append((zeros, local, loss_average))
-            reduced = _distributed.all_reduce_statistics(templates, process_group)
+            grads = self._gradients_to_reduce()
+            reduced, summed = _distributed.all_reduce_step(templates, grads, process_group)
+            for (p, g, _), total in zip(grads, summed):
+                if g is not None and total is not None:
+                    g.copy_(total)
+                else:
+                    p.grad = total
 
         out: dict[int, dict[str, LayerStatistics]] = {}
         for (info, _, _), index, stats in zip(entries, where, reduced):
             if stats is not None:
                 out.setdefault(index, {})[info.name] = stats
         return out
+
+    def _gradients_to_reduce(self) -> list[tuple[Tensor, Tensor | None, bool]]:
+        """(parameter, local gradient, summed?) of every parameter, if the step reduces them.
+
+        It does for an unwrapped model (``reduce_gradients`` None: neither wrapped in
+        DistributedDataParallel nor sharded by fully_shard, which reduce them already).
+        """
+        reduce = self.reduce_gradients
+        if reduce is None:
+            reduce = not isinstance(self.model, DistributedDataParallel) and not any(
+                _fsdp.is_sharded(p) for grp in self._groups for p in grp.params.values()
+            )
+        if not reduce:
+            return []
+        return [(p, p.grad, group["loss_average"] is None)
+                for group, grp in zip(self.param_groups, self._groups)
+                for p in grp.params.values()]
 
     def _update_group(self, index: int, group: dict, statistics: dict, grad_scale) -> None:
         grp = self._groups[index]
