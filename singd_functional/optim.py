@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import _distributed, _fsdp
+from . import _distributed, _fsdp, _split
 from . import structures as _structures
 from .capture import LayerCapture
 from .combine import GradientTransformation
@@ -148,6 +148,11 @@ class SINGD(torch.optim.Optimizer):
             expected scale, which keeps low-precision factors finite; the exact scale
             of each step is removed at ``step``).
         normalize_lr_cov: rho = (1 - alpha1)/2 and beta1 / max(1, max|m|).
+        split_work: under replicated data parallelism (DDP or an unwrapped model), do
+            each layer's factor update and preconditioning on one process only (chosen
+            by a cost model) and exchange the results in one ``all_gather`` per step;
+            every process still ends each step with the same parameters and state.
+            Pays for wide dense layers and small T (docs/distributed.md).
 
     GradScaler: use it as with any optimizer, ``scaler.step(opt)``, with or without
     ``scaler.unscale_(opt)`` before (e.g. to clip gradients). Steps with non-finite
@@ -197,6 +202,7 @@ class SINGD(torch.optim.Optimizer):
         preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
         init_grad_scale: float = 1.0,
         normalize_lr_cov: bool = False,
+        split_work: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"SINGD(model, ...): model must be an nn.Module, got {type(model)}")
@@ -210,6 +216,8 @@ class SINGD(torch.optim.Optimizer):
         self.init_grad_scale = float(init_grad_scale)
         self.process_group: Any = _distributed.WORLD
         self.reduce_gradients: bool | None = None  # None: when the model is unwrapped
+        self.split_work = bool(split_work)
+        self._split_owners: tuple[int, dict[str, int]] | None = None
         self._groups: list[_Group] = []
         self._layer_group: dict[str, int] = {}
         self._layer_info: dict[str, LayerInfo] = {}
@@ -513,6 +521,18 @@ class SINGD(torch.optim.Optimizer):
                 out.setdefault(index, {})[info.name] = stats
         return out
 
+    def _owners(self, group) -> dict[str, int]:
+        """The owner rank of every layer under ``split_work`` (chosen once per world size)."""
+        world = torch.distributed.get_world_size(group)
+        if self._split_owners is None or self._split_owners[0] != world:
+            costs = {}
+            for group_entries, grp in zip(self.param_groups, self._groups):
+                for info in grp.layers:
+                    st = self.state[grp.params[info.weight]]
+                    costs[info.name] = _split.layer_cost(info, st["K"], st["C"], group_entries["T"])
+            self._split_owners = (world, _split.assign(costs, world))
+        return self._split_owners[1]
+
     def _gradients_to_reduce(self) -> list[tuple[Tensor, Tensor | None, bool]]:
         """(parameter, local gradient, summed?) of every parameter, if the step reduces them.
 
@@ -570,10 +590,19 @@ class SINGD(torch.optim.Optimizer):
         statistics = {n: s for n, s in statistics.items() if n in layer_state}
         options = dict(statistics=statistics or None, grad_scale=grad_scale,
                        hyperparams=self._hyperparams(index, group, grp, due=bool(statistics)))
+        make_tx = lambda layers: self._group_transform(grp, group, layers)  # noqa: E731
+        split_group = _distributed.resolve_group(self.process_group) if self.split_work else None
         if any(_fsdp.is_sharded(p) for p in params.values()):  # fully_shard: on row shards
-            updates, new = _fsdp.sharded_update(
-                active, lambda layers: self._group_transform(grp, group, layers),
-                grads, state, params, **options,
+            if self.split_work:
+                raise ValueError(
+                    "split_work=True is for replicated data parallelism (DDP or an unwrapped "
+                    "model); a fully_shard model already shares the step by row shards"
+                )
+            updates, new = _fsdp.sharded_update(active, make_tx, grads, state, params, **options)
+        elif split_group is not None:  # each layer's work on its owner, one all_gather
+            updates, new = _split.split_update(
+                active, make_tx, grads, state, params,
+                owners=self._owners(split_group), group=split_group, **options,
             )
         else:
             updates, new = self._group_transform(grp, group, active).update(
