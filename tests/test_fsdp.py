@@ -88,12 +88,19 @@ CONFIGS = {
         loss_average="batch", hp=dict(BASE, weight_decay=0.01, structures=("diagonal", "hierarchical3_2"))),
 }
 
+FSDP = tuple(CONFIGS)
+# HSDP: a 2 x 2 mesh (replicate x shard), four processes
+HSDP = tuple(f"hsdp-{n}" for n in ("dense", "block2-T2-keep-unsharded", "toeplitz-sum-ikfac"))
+CONFIGS.update({name: dict(CONFIGS[name[5:]], mesh_shape=(2, 2)) for name in HSDP})
 
-def _shard(model, world, reshard=True, mp_policy=None):
+
+def _shard(model, world, reshard=True, mp_policy=None, mesh_shape=None):
+    """fully_shard per block and on the root; a 2-D ``mesh_shape`` (replicate, shard): HSDP."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
+    shape = mesh_shape or (world,)
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard")[-len(shape):])
     kwargs = dict(mesh=mesh, reshard_after_forward=reshard,
                   mp_policy=mp_policy or MixedPrecisionPolicy())
     for block in model.blocks:
@@ -104,7 +111,8 @@ def _shard(model, world, reshard=True, mp_policy=None):
 
 def _train_rank(rank: int, world: int, cfg: dict) -> dict:
     dtype = cfg.get("dtype", torch.float64)
-    model = _shard(make_tiny(dtype), world, cfg.get("reshard", True), cfg.get("mp_policy"))
+    model = _shard(make_tiny(dtype), world, cfg.get("reshard", True), cfg.get("mp_policy"),
+                   cfg.get("mesh_shape"))
     opt = sf.SINGD(model, params=list(model.parameters()), loss_average=cfg["loss_average"],
                    **cfg["hp"])
     fn = loss_fn(cfg["loss_average"])
@@ -185,15 +193,15 @@ def _check(name: str, world: int, results: list[dict]):
             assert torch.equal(p, ranks[0]["params"][k]), f"{k}: the processes diverged"
     assert all(r["velocity_sharded"] and r["factors_plain"] for r in ranks)
     T = cfg["hp"]["T"]
-    gathers = int(_gathered_layers(cfg, world) > 0)
+    gathers = int(_gathered_layers(cfg, cfg.get("mesh_shape", (world,))[-1]) > 0)
     for r in ranks:
         assert r["calls"] == [dict(all_reduce=int(t % T == 0), all_gather=gathers)
                               for t in range(STEPS)]
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", FSDP)
 def test_two_processes_equal_one_process(name):
-    _check(name, 2, _results(2, tuple(CONFIGS)))
+    _check(name, 2, _results(2, FSDP))
 
 
 def test_local_structures_need_no_gather():
@@ -203,7 +211,7 @@ def test_local_structures_need_no_gather():
 
 
 def test_state_per_process_shards_the_velocity():
-    ranks = [r["dense"] for r in _results(2, tuple(CONFIGS))]
+    ranks = [r["dense"] for r in _results(2, FSDP)]
     model = make_tiny()
     numel = sum(p.numel() for p in model.parameters())
     assert sum(r["state_bytes"]["velocity"] for r in ranks) == numel * 8
@@ -214,6 +222,15 @@ def test_state_per_process_shards_the_velocity():
 @pytest.mark.parametrize("name", ["dense", "diagonal-C", "block2-T2-keep-unsharded"])
 def test_four_processes_equal_one_process(name):
     _check(name, 4, _results(4, ("dense", "diagonal-C", "block2-T2-keep-unsharded")))
+
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(HSDP))
+def test_hsdp_four_processes_equal_one_process(name):
+    """A 2 x 2 mesh (replicate x shard): rows sharded over 2, statistics reduced over 4."""
+    _check(name, 4, _results(4, HSDP))
 
 
 def _mixed_precision_rank(rank: int, world: int) -> dict:
