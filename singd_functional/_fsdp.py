@@ -18,10 +18,11 @@ The left product needs only the local rows of G when C C^T has no entry outside 
 diagonal blocks [r0:r1, r0:r1], i.e. when C is diagonal, or block-diagonal with blocks
 that do not cross a shard boundary (block size dividing the shard length
 ceil(d_out / n)). Every other structure (dense, Toeplitz, hierarchical, triangular,
-arrowhead) mixes rows across shards; its layers' local rows of G are all-gathered (all
-such layers in ONE ``all_gather`` per shard group, every step) and each process keeps
-its rows of D. With ``T > 1`` the K K^T and C C^T cached between factor updates are
-sliced the same way.
+arrowhead) mixes rows across shards: each process applies K K^T to its own rows of G
+(its share of the right product), the rows of G K K^T of such layers are all-gathered
+(all of them in ONE ``all_gather`` per shard group, every step), and each process
+applies C C^T to the whole and keeps its rows of D. With ``T > 1`` the K K^T and C C^T
+cached between factor updates are used (and sliced for the row-local case).
 
 All arithmetic is the pure core's: the factor update is :func:`transform.singd` over the
 reduced statistics, D is :func:`precondition.natural_gradient`, and the heavy-ball step
@@ -190,8 +191,14 @@ def sharded_update(
         G = layer_gradient_matrix(rows, {k: local(grads[k]) for k in info.params})
         factors = factor_state.factors[info.name]
         block = _left_block(factors, factor_state.products.get(info.name, {}), shard)
-        if block is None:  # C C^T mixes rows of other processes: gather G below
-            gather[info.name] = (rows, shard, G)
+        if block is None:  # C C^T mixes rows of other processes: gather G K K^T below
+            K, C = factors
+            cached = factor_state.products.get(info.name, {})
+            right = {"K": cached["K"]} if "K" in cached else {}
+            # the right product acts row by row: each process does its rows' share
+            GKK = natural_gradient(K, Diagonal.eye(rows.d_C, dtype=C.dtype, device=G.device),
+                                   G, right)
+            gather[info.name] = (rows, shard, GKK)
             continue
         D = natural_gradient(factors.K, block[0], G, block[1])
         directions.update(split_layer_update(rows, D, local_params))
@@ -199,8 +206,11 @@ def sharded_update(
         d_out = {info.name: info.d_out for info in layers}
         full = _gather_rows([(n, G, shard) for n, (_, shard, G) in gather.items()], d_out)
         for name, (rows, shard, _) in gather.items():
-            D = natural_gradient(*factor_state.factors[name], full[name],
-                                 factor_state.products.get(name))
+            K, C = factor_state.factors[name]
+            cached = factor_state.products.get(name, {})
+            left = {"C": cached["C"]} if "C" in cached else {}
+            identity = Diagonal.eye(K.dim, dtype=K.dtype, device=K.device)
+            D = natural_gradient(identity, C, full[name], left)
             directions.update(split_layer_update(rows, D[shard.start : shard.stop], local_params))
 
     keys = list(state.velocity)
