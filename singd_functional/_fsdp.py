@@ -60,8 +60,17 @@ def is_sharded(p: Tensor) -> bool:
 
 
 def local(t: Tensor) -> Tensor:
-    """The rows this process holds (the tensor itself when it is not sharded)."""
-    return t.to_local() if is_sharded(t) else t
+    """The rows this process holds (the tensor itself when it is not sharded).
+
+    The one private torch API of this module: ``DTensor._local_tensor``, the tensor
+    ``to_local()`` returns a view of. ``to_local()`` is an autograd Function and costs
+    ~80 us per call on CPU (measured, torch 2.13), more than a small layer's arithmetic;
+    writes into the local tensor are writes into the DTensor.
+    """
+    if not is_sharded(t):
+        return t
+    held = getattr(t, "_local_tensor", None)
+    return held if held is not None else t.to_local()
 
 
 class RowShard(NamedTuple):
@@ -104,7 +113,7 @@ def row_shard(p: Tensor) -> RowShard:
     n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
     chunk = math.ceil(rows / n)
     start, stop = min(index * chunk, rows), min((index + 1) * chunk, rows)
-    held = p.to_local().shape[0]
+    held = local(p).shape[0]
     if held != stop - start:
         raise RuntimeError(
             f"a DTensor of {rows} rows holds {held} on this process where torch.chunk's "
@@ -174,8 +183,9 @@ def sharded_update(
         statistics, hyperparams, grad_scale: as for ``tx.update``.
 
     Returns:
-        ``(updates, new_state)`` as ``tx.update``; updates and velocity are shaped and
-        placed like the parameters.
+        ``(updates, new_state)`` as ``tx.update``, except that the updates are this
+        process's rows (add them to ``local(p)``); the new velocity is placed like the
+        old (its local rows are written in place).
     """
     tx = make_tx(())
     # Stage 4 on the whole (replicated) factors: a transform over no layers only updates them
@@ -219,12 +229,11 @@ def sharded_update(
         local_grads, factor_state._replace(velocity={k: local(state.velocity[k]) for k in keys}),
         local_params, hyperparams=hyperparams, grad_scale=grad_scale,
     )
-    like = {k: params[k] for k in keys}
     new_state = factor_state._replace(
         count=state.count + 1,
-        velocity={k: _like(v, like[k]) for k, v in hb_state.velocity.items()},
+        velocity={k: _into(state.velocity[k], v) for k, v in hb_state.velocity.items()},
     )
-    return {k: _like(u, like[k]) for k, u in updates.items()}, new_state
+    return updates, new_state
 
 
 def _gather_rows(pending: list[tuple[str, Tensor, RowShard]], d_out: Mapping[str, int]
@@ -260,9 +269,13 @@ def _gather_rows(pending: list[tuple[str, Tensor, RowShard]], d_out: Mapping[str
     return out
 
 
-def _like(t: Tensor, p: Tensor) -> Tensor:
-    """``t`` (this process's rows) placed like ``p``."""
-    if not is_sharded(p):
-        return t
-    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False,
-                              shape=p.shape, stride=p.stride())
+def _into(old: Tensor, rows: Tensor) -> Tensor:
+    """The new velocity placed like the old one: written into its local rows if sharded.
+
+    Wrapping ``rows`` in a new DTensor (``DTensor.from_local``) costs ~140 us per
+    parameter on CPU (measured); the old buffer is not needed any more.
+    """
+    if not is_sharded(old):
+        return rows
+    local(old).copy_(rows)
+    return old

@@ -172,7 +172,7 @@ def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_sca
         if k in no_grad:
             continue
         p = grp.params[k]
-        p.add_(updates[k].to(p.dtype))
+        _fsdp.local(p).add_(updates[k].to(p.dtype))  # a sharded p: its rows
         st_of[p]["momentum_buffer"] = new.velocity[k]
     for name, st in layer_state.items():
         store_factors(st, new.factors[name], new.momenta.get(name))
