@@ -21,7 +21,8 @@ Per process and step it records:
   all_gather of n per process: n (W-1)),
 * bytes the framework moves outside ``step`` (FSDP2's parameter all_gathers and
   gradient reduce-scatters, seen through ``torch.distributed``; DDP's C++ reducer is not
-  visible there and is listed as its known payload, all gradients once per step),
+  visible there and is listed as its known payload, all gradients once per step;
+  ring estimates as above),
 * the optimizer state this process holds (velocity, factors, momenta).
 
 The machine these results come from was shared with other jobs: compare times only
@@ -31,6 +32,7 @@ Usage::
 
     python -m benchmarks.distributed_bench                 # writes results/distributed_bench.*
     python -m benchmarks.distributed_bench --worlds 2 --width 32 --steps 4
+    python -m benchmarks.distributed_bench --width 128 --name distributed_bench_w128
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ import singd_functional as sf
 from singd_functional import _fsdp
 from tests._multiprocess import run
 
+# what SINGD calls, and what FSDP2 calls (torch 2.13: the *_single forms; older: *_tensor)
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-               "broadcast")
+               "all_gather_single", "reduce_scatter_single", "broadcast")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -102,11 +105,11 @@ class _Meter:
         W = self.world
         if name == "all_reduce":
             n, ring = _bytes(args[0]), 2 * _bytes(args[0]) * (W - 1) / W
-        elif name in ("all_gather", "all_gather_into_tensor"):
-            n = _bytes(args[1])
+        elif name in ("all_gather", "all_gather_into_tensor", "all_gather_single"):
+            n = _bytes(args[1] if len(args) > 1 else kwargs["input_tensor"])
             ring = n * (W - 1)
-        elif name == "reduce_scatter_tensor":
-            n = _bytes(args[1])
+        elif name in ("reduce_scatter_tensor", "reduce_scatter_single"):
+            n = _bytes(args[1] if len(args) > 1 else kwargs["input"])
             ring = n * (W - 1) / W
         else:
             n = ring = _bytes(args[0])
@@ -197,6 +200,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--T", type=int, default=1)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--name", default="distributed_bench", help="results file stem")
     args = parser.parse_args(argv)
 
     rows = []
@@ -212,11 +216,12 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     meta = dict(width=args.width, steps=args.steps, T=args.T, torch=torch.__version__,
                 machine=platform.machine(), note="shared, loaded machine; 1 thread/process")
-    with open(os.path.join(args.out, "distributed_bench.json"), "w") as f:
+    stem = os.path.join(args.out, args.name)
+    with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    with open(os.path.join(args.out, "distributed_bench.md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write(_markdown(meta, rows))
-    print(os.path.join(args.out, "distributed_bench.md"))
+    print(stem + ".md")
 
 
 def _line(row) -> str:
