@@ -161,8 +161,19 @@ def _single_process(cfg: dict, world: int) -> dict:
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
+def _split_work_refusal(world: int) -> str:
+    model = _shard(make_tiny(), world)
+    try:
+        sf.SINGD(model, split_work=True, warn_unsupported=False)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
 def _all_configs(rank: int, world: int, names: tuple[str, ...]) -> dict:
-    return {name: _train_rank(rank, world, CONFIGS[name]) for name in names}
+    out = {name: _train_rank(rank, world, CONFIGS[name]) for name in names}
+    out["split_work"] = _split_work_refusal(world)
+    return out
 
 
 @functools.cache
@@ -208,6 +219,10 @@ def test_local_structures_need_no_gather():
     assert _gathered_layers(CONFIGS["diagonal-C"], 2) == 0
     assert 0 < _gathered_layers(CONFIGS["block2-T2-keep-unsharded"], 2) < 6
     assert _gathered_layers(CONFIGS["dense"], 2) == 6
+
+
+def test_split_work_is_refused_with_the_fix():
+    assert "drop split_work" in _results(2, FSDP)[0]["split_work"]
 
 
 def test_state_per_process_shards_the_velocity():
