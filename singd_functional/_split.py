@@ -9,8 +9,9 @@ every process. With the split, each layer has one owner process:
                     their new K, C, m_K, m_C; every process unpacks all of them
     all processes   the heavy-ball step on every parameter (elementwise, cheap)
 
-so every process ends the step with the same parameters and the same, complete state
-(a checkpoint from any process is whole). The owners are chosen once, by a cost model
+(one all_gather per param group: the groups step one after the other). Every process
+ends the step with the same parameters and the same, complete state (a checkpoint from
+any process is whole). The owners are chosen once, by a cost model
 of the per-step work (longest-first greedy onto the least-loaded process):
 
     cost = 2 (d_K s_C + d_C s_K)  +  4 (s_K^2 / d_K + s_C^2 / d_C) / T

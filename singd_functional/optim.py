@@ -79,8 +79,9 @@ class SINGD(torch.optim.Optimizer):
         normalize_lr_cov: rho = (1 - alpha1)/2 and beta1 / max(1, max|m|).
         split_work: under replicated data parallelism (DDP or an unwrapped model), do
             each layer's factor update and preconditioning on one process only (chosen
-            by a cost model) and exchange the results in one ``all_gather`` per step;
-            every process still ends each step with the same parameters and state.
+            by a cost model) and exchange the results in one ``all_gather`` per step
+            (per param group); every process still ends each step with the same
+            parameters and state.
             Pays for wide dense layers and small T (docs/distributed.md).
 
     GradScaler: use it as with any optimizer, ``scaler.step(opt)``, with or without
