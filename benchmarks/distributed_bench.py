@@ -152,7 +152,8 @@ def _rank(rank: int, world: int, mode: str, structure: str, width: int, steps: i
         net = model
     else:
         net = DDP(model)
-    opt = sf.SINGD(net, params=list(model.parameters()), lr=0.01, T=T,
+    opt = sf.SINGD(net, params=list(model.parameters()), warn_unsupported=False,
+                   lr=0.01, T=T,
                    structures=(structure, structure), split_work=mode == "ddp-split")
     warmup = 2
     times = []

@@ -30,7 +30,8 @@ def _train(rank, world, path, start, steps, load):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model = _shard(make_tiny(), world)
-    opt = sf.SINGD(model, params=list(model.parameters()), loss_average="batch", **HP)
+    opt = sf.SINGD(model, params=list(model.parameters()), warn_unsupported=False,
+                   loss_average="batch", **HP)
     if load:
         model_sd, optim_sd = get_state_dict(model, opt)
         sd = {"model": model_sd, "optim": optim_sd}
@@ -87,7 +88,8 @@ def test_save_with_two_resume_with_two_is_bit_exact():
 
 def _single_process(steps: int) -> dict:
     model = make_tiny()
-    opt = sf.SINGD(model, params=list(model.parameters()), loss_average="batch", **HP)
+    opt = sf.SINGD(model, params=list(model.parameters()), warn_unsupported=False,
+                   loss_average="batch", **HP)
     fn = loss_fn("batch")
     for t in range(steps):
         x, y = batch(t)

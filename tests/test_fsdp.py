@@ -84,6 +84,9 @@ CONFIGS = {
     "toeplitz-sum-ikfac": dict(
         loss_average=None,
         hp=dict(BASE, lr=0.01, kfac_like=True, structures=("triltoeplitz", "triutoeplitz"))),
+    # every nn.Linear sharded on its own too (fully_shard changes its class to a subclass)
+    "per-linear-diagonal-K": dict(loss_average="batch", per_linear=True,
+                                  hp=dict(BASE, structures=("diagonal", "dense"))),
     "hierarchical-wd": dict(
         loss_average="batch", hp=dict(BASE, weight_decay=0.01, structures=("diagonal", "hierarchical3_2"))),
 }
@@ -94,8 +97,11 @@ HSDP = tuple(f"hsdp-{n}" for n in ("dense", "block2-T2-keep-unsharded", "toeplit
 CONFIGS.update({name: dict(CONFIGS[name[5:]], mesh_shape=(2, 2)) for name in HSDP})
 
 
-def _shard(model, world, reshard=True, mp_policy=None, mesh_shape=None):
-    """fully_shard per block and on the root; a 2-D ``mesh_shape`` (replicate, shard): HSDP."""
+def _shard(model, world, reshard=True, mp_policy=None, mesh_shape=None, per_linear=False):
+    """fully_shard per block and on the root; a 2-D ``mesh_shape`` (replicate, shard): HSDP.
+
+    ``per_linear``: every nn.Linear on its own first.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -103,6 +109,9 @@ def _shard(model, world, reshard=True, mp_policy=None, mesh_shape=None):
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard")[-len(shape):])
     kwargs = dict(mesh=mesh, reshard_after_forward=reshard,
                   mp_policy=mp_policy or MixedPrecisionPolicy())
+    if per_linear:
+        for module in [m for m in model.modules() if isinstance(m, nn.Linear)]:
+            fully_shard(module, **kwargs)
     for block in model.blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
@@ -112,8 +121,9 @@ def _shard(model, world, reshard=True, mp_policy=None, mesh_shape=None):
 def _train_rank(rank: int, world: int, cfg: dict) -> dict:
     dtype = cfg.get("dtype", torch.float64)
     model = _shard(make_tiny(dtype), world, cfg.get("reshard", True), cfg.get("mp_policy"),
-                   cfg.get("mesh_shape"))
-    opt = sf.SINGD(model, params=list(model.parameters()), loss_average=cfg["loss_average"],
+                   cfg.get("mesh_shape"), cfg.get("per_linear", False))
+    opt = sf.SINGD(model, params=list(model.parameters()), warn_unsupported=False,
+                   loss_average=cfg["loss_average"],
                    **cfg["hp"])
     fn = loss_fn(cfg["loss_average"])
     calls = []
@@ -150,7 +160,8 @@ def _state_bytes(opt) -> dict:
 
 def _single_process(cfg: dict, world: int) -> dict:
     model = make_tiny()
-    opt = sf.SINGD(model, params=list(model.parameters()), loss_average=cfg["loss_average"],
+    opt = sf.SINGD(model, params=list(model.parameters()), warn_unsupported=False,
+                   loss_average=cfg["loss_average"],
                    **cfg["hp"])
     fn = loss_fn(cfg["loss_average"], world)
     for t in range(STEPS):
@@ -264,7 +275,8 @@ def test_mixed_precision_bf16_params_fp32_reduce():
     """bf16 compute, fp32 master weights, factors and reduction: close to fp32 on one process."""
     results = run(_mixed_precision_rank, 2)
     model = make_tiny(torch.float32)
-    opt = sf.SINGD(model, params=list(model.parameters()), loss_average="batch",
+    opt = sf.SINGD(model, params=list(model.parameters()), warn_unsupported=False,
+                   loss_average="batch",
                    **dict(BASE, structures=("dense", "diagonal")))
     fn = loss_fn("batch")
     for t in range(STEPS):

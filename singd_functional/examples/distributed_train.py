@@ -108,7 +108,8 @@ def train(args, device: torch.device | None = None) -> list[float]:
     torch.manual_seed(0)  # the same initial model on every process
     model = Model().to(device)
     net = wrap(model, args.mode, args.replicas, device)
-    opt = sf.SINGD(net, params=list(model.parameters()), lr=args.lr, T=args.T,
+    opt = sf.SINGD(net, params=list(model.parameters()), warn_unsupported=False,
+                   lr=args.lr, T=args.T,
                    loss_average="batch+sequence", structures=tuple(args.structures),
                    split_work=args.split_work)
     start = _resume(model, opt, args.checkpoint)
