@@ -41,12 +41,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .factors import Factors
-from .layers import LayerInfo
+from .layers import LayerInfo, LayerKind, layer_kind
 from .precondition import layer_gradient_matrix, natural_gradient, split_layer_update
 from .structures import StructuredMatrix
 from .structures.block_diagonal import BlockDiagonal
 from .structures.diagonal import Diagonal
 from .transform import SINGDState
+
+_ROW_MAJOR = LayerKind.__dataclass_fields__["weight_matrix"].default  # W.reshape(d_out, d_in)
 
 try:  # torch >= 2.4 has the public DTensor module
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -234,6 +236,25 @@ def sharded_update(
         velocity={k: _into(state.velocity[k], v) for k, v in hb_state.velocity.items()},
     )
     return updates, new_state
+
+
+def check_row_major(info: LayerInfo, params: Mapping[str, Tensor]) -> None:
+    """Refuse a sharded layer whose weight rows are not the rows of its matrix G (SINGD()).
+
+    FSDP2 shards the weight's dim 0; that is G's rows only for kinds that view the
+    weight as ``W.reshape(d_out, d_in)`` (Linear, Conv1d, Conv2d and their subclasses).
+    """
+    kind = layer_kind(info)
+    if not is_sharded(params[info.weight]):
+        return
+    if kind.weight_matrix is not _ROW_MAJOR or params[info.weight].shape[0] != info.d_out:
+        raise NotImplementedError(
+            f"layer {info.name!r} (kind {kind.name!r}) is sharded by fully_shard, but its "
+            "weight's dim 0 is not the output rows of its matrix, so SINGD cannot "
+            "precondition it on row shards; keep that module out of fully_shard "
+            "(e.g. fully_shard the blocks around it with ignored_params), or drop it "
+            "from SINGD's params"
+        )
 
 
 def _gather_rows(pending: list[tuple[str, Tensor, RowShard]], d_out: Mapping[str, int]

@@ -203,6 +203,8 @@ class SINGD(torch.optim.Optimizer):
                 "model); a fully_shard model already shares the step by row shards: "
                 "drop split_work"
             )
+        for layer in all_layers(self._groups):
+            _fsdp.check_row_major(layer.info, self._groups[layer.group].params)
         plain = not_preconditioned(self)
         if explicit and plain and warn_unsupported:
             warnings.warn(

@@ -181,9 +181,31 @@ def _split_work_refusal(world: int) -> str:
     return ""
 
 
+def _transposed_kind_refusal(world: int) -> str:
+    """A kind whose weight is stored [d_in, d_out] (GPT-2's Conv1D) cannot use row shards."""
+    from tests.test_layers import CONV1D_KIND, Conv1D
+
+    with sf.register_layer_kind(Conv1D, CONV1D_KIND):
+        model = nn.Sequential(Conv1D(4, 6)).double()
+        _shard_root(model, world)
+        try:
+            sf.SINGD(model, loss_average="batch", **BASE)
+        except NotImplementedError as e:
+            return str(e)
+    return ""
+
+
+def _shard_root(model, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+
+
 def _all_configs(rank: int, world: int, names: tuple[str, ...]) -> dict:
     out = {name: _train_rank(rank, world, CONFIGS[name]) for name in names}
     out["split_work"] = _split_work_refusal(world)
+    out["transposed"] = _transposed_kind_refusal(world)
     return out
 
 
@@ -234,6 +256,10 @@ def test_local_structures_need_no_gather():
 
 def test_split_work_is_refused_with_the_fix():
     assert "drop split_work" in _results(2, FSDP)[0]["split_work"]
+
+
+def test_a_kind_with_transposed_weight_storage_is_refused():
+    assert "dim 0 is not the output rows" in _results(2, FSDP)[0]["transposed"]
 
 
 def test_state_per_process_shards_the_velocity():
