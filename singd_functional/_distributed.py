@@ -35,6 +35,7 @@ syncs per layer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -43,7 +44,7 @@ from torch import Tensor
 
 from .capture import LayerCapture
 from .layers import LayerInfo
-from .statistics import LayerStatistics, batch_and_positions, loss_scale
+from .statistics import LayerStatistics, batch_and_positions, layer_statistics, loss_scale
 
 WORLD = "world"  # sentinel: the default process group, when one is initialised
 
@@ -85,6 +86,46 @@ def resolve_group(process_group: Any):
 
 def _flat(stats: LayerStatistics) -> list[Tensor]:
     return [*stats.H_K.leaves, *stats.H_C.leaves]
+
+
+def reduced_statistics(
+    layers: tuple[LayerInfo, ...],
+    factors: Mapping[str, Any],
+    captures: Mapping[str, LayerCapture],
+    group,
+    *,
+    kfac_approx: str = "expand",
+    loss_average="batch",
+    grad_scale=1.0,
+) -> dict[str, LayerStatistics]:
+    """Every layer's statistics from this process's captures, reduced over ``group``.
+
+    The functional face's data-parallel statistics: pass the result to
+    ``tx.update(..., statistics=...)`` with the averaged gradients, and W processes step
+    like one on the concatenated batch (L_eff = (1/W) sum_w L_w, module docstring).
+    One collective; a layer no process captured is left out (its factors are kept).
+
+    Args:
+        layers: the transform's layers, in the same order on every process.
+        factors: per layer name, its current ``Factors`` (``state.factors``).
+        captures: per layer name, this process's :class:`LayerCapture` (a layer may be
+            missing here: this process then contributes nothing to it).
+        group: a process group with more than one process (see :func:`resolve_group`).
+        kfac_approx, loss_average, grad_scale: those of the transform.
+    """
+    entries = []
+    for info in layers:
+        K, C = factors[info.name]
+        capture = captures.get(info.name)
+        local = LocalStatistics(None, 0.0, 0.0)
+        if capture is not None:
+            stats = layer_statistics(info, K, C, capture, kfac_approx=kfac_approx,
+                                     loss_average=loss_average, grad_scale=grad_scale)
+            local = LocalStatistics(stats, *counts(info, capture, kfac_approx, loss_average))
+        zeros = LayerStatistics(K.map(torch.zeros_like), C.map(torch.zeros_like))
+        entries.append((zeros, local, loss_average))
+    reduced = all_reduce_statistics(entries, group)
+    return {info.name: stats for info, stats in zip(layers, reduced) if stats is not None}
 
 
 def all_reduce_statistics(
