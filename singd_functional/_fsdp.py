@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -72,7 +72,7 @@ def local(t: Tensor) -> Tensor:
     if not is_sharded(t):
         return t
     held = getattr(t, "_local_tensor", None)
-    return held if held is not None else t.to_local()
+    return held if held is not None else t.to_local()  # type: ignore[attr-defined]
 
 
 class RowShard(NamedTuple):
@@ -81,7 +81,7 @@ class RowShard(NamedTuple):
     Attributes:
         start, stop: the local rows r0:r1 of the global d_out rows.
         chunk: ceil(d_out / n), the padded length every process contributes to a gather.
-        count: n, the number of shards.
+        shards: n, the number of shards.
         group: the process group of the mesh dimension that shards the rows (None: the
             tensor is not sharded; every process holds all rows).
     """
@@ -89,20 +89,21 @@ class RowShard(NamedTuple):
     start: int
     stop: int
     chunk: int
-    count: int
+    shards: int
     group: Any
 
     def bounds(self, rows: int):
         """(start, stop) of every shard, in shard order."""
         return [(min(r * self.chunk, rows), min((r + 1) * self.chunk, rows))
-                for r in range(self.count)]
+                for r in range(self.shards)]
 
 
-def row_shard(p: Tensor) -> RowShard:
+def row_shard(param: Tensor) -> RowShard:
     """The :class:`RowShard` of a parameter (torch.chunk's rule, as FSDP2 uses it)."""
-    rows = p.shape[0]
-    if not is_sharded(p):
+    rows = param.shape[0]
+    if not is_sharded(param):
         return RowShard(0, rows, rows, 1, None)
+    p: Any = param  # a DTensor
     shard_dims = [i for i, pl in enumerate(p.placements) if not isinstance(pl, Replicate)]
     if len(shard_dims) != 1 or p.placements[shard_dims[0]] != Shard(0):
         raise NotImplementedError(
@@ -157,10 +158,11 @@ def _left_block(factors: Factors, products: Mapping[str, StructuredMatrix], shar
     for start, stop in shard.bounds(factors.C.dim):
         if any(row_block(M, start, stop) is None for M in matrices):
             return None
-    sliced = dict(products)
-    if "C" in products:
-        sliced["C"] = row_block(products["C"], shard.start, shard.stop)
-    return row_block(factors.C, shard.start, shard.stop), sliced
+    def rows(M: StructuredMatrix) -> StructuredMatrix:
+        return cast(StructuredMatrix, row_block(M, shard.start, shard.stop))  # checked above
+
+    sliced = {k: rows(M) if k == "C" else M for k, M in products.items()}
+    return rows(factors.C), sliced
 
 
 def sharded_update(

@@ -127,8 +127,8 @@ def split_update(
 
     sent = []
     for info, payload in layouts[rank]:
-        D = natural_gradient(*factor_state.factors[info.name], G_of[info.name],
-                             factor_state.products.get(info.name))
+        K, C = factor_state.factors[info.name]
+        D = natural_gradient(K, C, G_of[info.name], factor_state.products.get(info.name))
         sent.append(D.reshape(-1))
         if len(payload) > 1:
             mats = [*factor_state.factors[info.name],

@@ -159,8 +159,9 @@ def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_sca
 
     # a frozen bias beside a trained weight: a zero column in G, and no update
     no_grad = {k for k in keys if grp.params[k].grad is None}
-    grads = {k: torch.zeros_like(grp.params[k]) if k in no_grad else grp.params[k].grad
-             for k in keys}
+    grads: dict[str, Tensor] = {
+        k: torch.zeros_like(grp.params[k]) if k in no_grad else grp.params[k].grad  # type: ignore[misc]
+        for k in keys}
     params = {k: grp.params[k].detach() for k in keys}
     layer_state = {l.name: st_of[grp.weight(l)] for l in active}
     factors = {n: Factors(s["K"], s["C"]) for n, s in layer_state.items()}
