@@ -1,10 +1,11 @@
-"""SINGD's state through ``torch.distributed.checkpoint`` on a ``fully_shard`` model.
+"""SINGD's state through ``torch.distributed.checkpoint`` (fully_shard and DDP models).
 
 Two processes train 2 steps, save model and optimizer with ``get_state_dict`` +
 ``dcp.save``; two fresh processes ``dcp.load`` + ``set_state_dict`` and train 2 more:
 bit-identical to 4 uninterrupted steps. The slow test saves with 4 processes and
 resumes with 2 (DCP reshards the sharded velocity; the replicated factors are read
-whole): equal to one process on the concatenated batch at 1e-10. Checkpoints go to a
+whole). The same save/resume with a DDP model (all state replicated) is bit-identical
+too: equal to one process on the concatenated batch at 1e-10. Checkpoints go to a
 temporary directory.
 """
 
@@ -26,10 +27,11 @@ HP = dict(BASE, T=3, structures=("dense", "block2diagonal"))
 SAFE = (torch.Tensor, str, int, float, bool, type(None))
 
 
-def _train(rank, world, path, start, steps, load):
+def _train(rank, world, path, start, steps, load, ddp=False):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.nn.parallel import DistributedDataParallel
 
-    model = _shard(make_tiny(), world)
+    model = DistributedDataParallel(make_tiny()) if ddp else _shard(make_tiny(), world)
     opt = sf.SINGD(model, params=list(model.parameters()), warn_unsupported=False,
                    loss_average="batch", **HP)
     if load:
@@ -47,7 +49,8 @@ def _train(rank, world, path, start, steps, load):
     if path is not None and not load:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
     return dict(
-        params={k: v.full_tensor() for k, v in model.named_parameters()},
+        params={k: v.detach().clone() if ddp else v.full_tensor()
+                for k, v in model.named_parameters()},
         safe=all(isinstance(v, SAFE) for v in _leaves(optim_sd)),
         steps=[g["step"] for g in opt.param_groups],
     )
@@ -64,18 +67,20 @@ def _leaves(tree):
         yield tree
 
 
-def _resume(save_world: int, load_world: int):
+def _resume(save_world: int, load_world: int, ddp=False):
     with tempfile.TemporaryDirectory() as path:
-        saved = run(functools.partial(_train, path=path, start=0, steps=2, load=False),
+        saved = run(functools.partial(_train, path=path, start=0, steps=2, load=False, ddp=ddp),
                     save_world)
-        resumed = run(functools.partial(_train, path=path, start=2, steps=2, load=True),
+        resumed = run(functools.partial(_train, path=path, start=2, steps=2, load=True, ddp=ddp),
                       load_world)
     return saved, resumed
 
 
-def test_save_with_two_resume_with_two_is_bit_exact():
-    saved, resumed = _resume(2, 2)
-    straight = run(functools.partial(_train, path=None, start=0, steps=4, load=False), 2)
+@pytest.mark.parametrize("ddp", [False, True], ids=["fsdp2", "ddp"])
+def test_save_with_two_resume_with_two_is_bit_exact(ddp):
+    saved, resumed = _resume(2, 2, ddp)
+    straight = run(functools.partial(_train, path=None, start=0, steps=4, load=False, ddp=ddp),
+                   2)
     assert all(r["safe"] for r in saved), "the optimizer state holds more than plain data"
     assert [r["steps"] for r in resumed] == [[4], [4]]
     for r, s in zip(resumed, straight):
