@@ -1,9 +1,10 @@
-"""The pure core across processes: statistics reduced with ``_distributed.reduced_statistics``.
+"""The pure core across processes: ``sf.singd(..., process_group=...)``.
 
-A user's own data-parallel loop over ``sf.singd`` (torch.func capture, gradients
-averaged by the loop) with the statistics reduced in one collective: two gloo processes
-equal ``run_core`` on the concatenated batch (float64, 1e-10). This is what
-``sf.singd(..., process_group=...)`` will call inside ``update``.
+A user's own data-parallel loop over the pure core (torch.func capture, gradients
+averaged by the loop): ``update(..., captures=...)`` reduces the statistics inside, in
+one all_reduce. Two gloo processes equal ``run_core`` on the concatenated batch
+(float64, 1e-10); also with ``_distributed.reduced_statistics`` called by hand and the
+result passed as ``statistics=``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from tests.test_optim import assert_same
 STEPS = 4
 CONFIGS = {
     "mlp-dense": dict(kind="mlp", loss_average="batch", T=1, hp=dict(lr=0.05, lr_cov=0.05)),
+    "mlp-by-hand": dict(kind="mlp", loss_average="batch", T=1, by_hand=True,
+                        hp=dict(lr=0.05, lr_cov=0.05, structures=("diagonal", "dense"))),
     "seq-structured-T2": dict(kind="seq", loss_average="batch+sequence", T=2,
                               hp=dict(lr=0.05, lr_cov=0.05,
                                       structures=("triltoeplitz", "block3diagonal"))),
@@ -37,7 +40,8 @@ def _rank(rank: int, world: int) -> dict:
         layers = sf.find_layers(model)
         params = {k: v.detach().clone() for k, v in model.named_parameters()}
         capture = sf.make_capture(model, make_loss(loss_average), layers)
-        tx = sf.singd(layers, loss_average=loss_average, **cfg["hp"])
+        group = None if cfg.get("by_hand") else "world"
+        tx = sf.singd(layers, loss_average=loss_average, process_group=group, **cfg["hp"])
         state = tx.init(params)
         calls = []
         for t in range(STEPS):
@@ -46,14 +50,17 @@ def _rank(rank: int, world: int) -> dict:
             for g in grads.values():  # the loop averages the gradients, as DDP would
                 dist.all_reduce(g)
                 g /= world
-            statistics = None
+            due = t % cfg["T"] == 0
             with count_calls(dist, ("all_reduce",)) as counts:
-                if t % cfg["T"] == 0:
+                if cfg.get("by_hand"):
                     statistics = _distributed.reduced_statistics(
                         layers, state.factors, captures, dist.group.WORLD,
-                        loss_average=loss_average)
+                        loss_average=loss_average) if due else None
+                    updates, state = tx.update(grads, state, params, statistics=statistics)
+                else:
+                    updates, state = tx.update(grads, state, params,
+                                               captures=captures if due else None)
             calls.append(counts["all_reduce"])
-            updates, state = tx.update(grads, state, params, statistics=statistics)
             params = sf.apply_updates(params, updates)
         out[name] = dict(params=params, calls=calls)
     return out
