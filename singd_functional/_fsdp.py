@@ -32,6 +32,7 @@ on the local rows is the same transform's identity path fed with the local rows 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, cast
@@ -147,6 +148,14 @@ def row_block(M: StructuredMatrix, start: int, stop: int) -> StructuredMatrix | 
     return None
 
 
+@functools.cache
+def _row_local(structure: Any, dim: int, chunk: int, shards: int) -> bool:
+    """Whether every shard's rows of a ``structure`` matrix are a block of their own."""
+    M = structure.zeros(dim)
+    bounds = RowShard(0, 0, chunk, shards, None).bounds(dim)
+    return all(row_block(M, start, stop) is not None for start, stop in bounds)
+
+
 def _left_block(factors: Factors, products: Mapping[str, StructuredMatrix], shard: RowShard):
     """C and the cached C C^T restricted to the local rows, or None when not row-local.
 
@@ -155,9 +164,8 @@ def _left_block(factors: Factors, products: Mapping[str, StructuredMatrix], shar
     sends the layer to the gather.
     """
     matrices = [factors.C, *(products[k] for k in ("C",) if k in products)]
-    for start, stop in shard.bounds(factors.C.dim):
-        if any(row_block(M, start, stop) is None for M in matrices):
-            return None
+    if not all(_row_local(type(M), M.dim, shard.chunk, shard.shards) for M in matrices):
+        return None
     def rows(M: StructuredMatrix) -> StructuredMatrix:
         return cast(StructuredMatrix, row_block(M, shard.start, shard.stop))  # checked above
 
