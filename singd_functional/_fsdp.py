@@ -163,9 +163,10 @@ def _left_block(factors: Factors, products: Mapping[str, StructuredMatrix], shar
     same branch and the gather's sizes agree): one shard whose rows C mixes with others
     sends the layer to the gather.
     """
-    matrices = [factors.C, *(products[k] for k in ("C",) if k in products)]
+    matrices: list[Any] = [factors.C, *(products[k] for k in ("C",) if k in products)]
     if not all(_row_local(type(M), M.dim, shard.chunk, shard.shards) for M in matrices):
         return None
+
     def rows(M: StructuredMatrix) -> StructuredMatrix:
         return cast(StructuredMatrix, row_block(M, shard.start, shard.stop))  # checked above
 
