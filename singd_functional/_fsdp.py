@@ -45,6 +45,7 @@ from .factors import Factors
 from .layers import LayerInfo, LayerKind, layer_kind
 from .precondition import layer_gradient_matrix, natural_gradient, split_layer_update
 from .structures import StructuredMatrix
+from .structures import get as get_structure
 from .structures.block_diagonal import BlockDiagonal
 from .structures.diagonal import Diagonal
 from .transform import SINGDState
@@ -149,9 +150,9 @@ def row_block(M: StructuredMatrix, start: int, stop: int) -> StructuredMatrix | 
 
 
 @functools.cache
-def _row_local(structure: Any, dim: int, chunk: int, shards: int) -> bool:
-    """Whether every shard's rows of a ``structure`` matrix are a block of their own."""
-    M = structure.zeros(dim)
+def _row_local(name: str, dim: int, chunk: int, shards: int) -> bool:
+    """Whether every shard's rows of a matrix of structure ``name`` are a block of their own."""
+    M = get_structure(name).zeros(dim)
     bounds = RowShard(0, 0, chunk, shards, None).bounds(dim)
     return all(row_block(M, start, stop) is not None for start, stop in bounds)
 
@@ -163,8 +164,8 @@ def _left_block(factors: Factors, products: Mapping[str, StructuredMatrix], shar
     same branch and the gather's sizes agree): one shard whose rows C mixes with others
     sends the layer to the gather.
     """
-    matrices: list[Any] = [factors.C, *(products[k] for k in ("C",) if k in products)]
-    if not all(_row_local(type(M), M.dim, shard.chunk, shard.shards) for M in matrices):
+    matrices = [factors.C, *(products[k] for k in ("C",) if k in products)]
+    if not all(_row_local(M.name, M.dim, shard.chunk, shard.shards) for M in matrices):
         return None
 
     def rows(M: StructuredMatrix) -> StructuredMatrix:
