@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 from torch import Tensor
 
 from .structures import StructuredMatrix
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 #: a structure: a name that ``structures.get`` knows (``"dense"``, ``"block30diagonal"``,
 #: ...) or a structure type
@@ -24,3 +27,6 @@ LossAverage = str | int | float | Tensor | None
 PreconditionerDtype = tuple[torch.dtype | None, torch.dtype | None]
 #: what ``torch.optim.Optimizer`` takes as ``params``: tensors or param-group dicts
 Params = Iterable[Tensor] | Iterable[dict[str, Any]]
+#: the data-parallel processes to reduce over: a process group, "world" (the default
+#: group when torch.distributed is initialised), or None (no reduction)
+ProcessGroupArg: TypeAlias = "ProcessGroup | str | None"
