@@ -236,6 +236,14 @@ class StructuredMatrix:
         return self.matmat(other)
 
 
+def _eager(*tensors: Tensor) -> bool:
+    """True when products may write into buffers (``out=``, in-place): outside vmap,
+    torch.func.grad and torch.compile, and with no tensor needing autograd."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def _eye_like(n: int, like: Tensor) -> Tensor:
     return torch.eye(n, dtype=like.dtype, device=like.device)
 

@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ._base import Scalar, StructuredMatrix, _add_diag, _eye_like, _resolve
+from ._base import Scalar, StructuredMatrix, _add_diag, _eager, _eye_like, _resolve
 
 
 class BlockDiagonal(StructuredMatrix):
@@ -188,10 +188,7 @@ def _plain(X: Tensor, blocks: Tensor, last: Tensor) -> bool:
     """True when ``out=`` products may be used: eager, unbatched, no autograd, one dtype."""
     if X.dim() != 2 or blocks.dim() != 3 or last.dim() != 2 or X.dtype != blocks.dtype:
         return False
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return not (torch.is_grad_enabled() and (X.requires_grad or blocks.requires_grad
-                                             or last.requires_grad))
+    return _eager(X, blocks, last)
 
 
 @functools.cache
