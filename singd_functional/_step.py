@@ -151,15 +151,15 @@ def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_sca
     params = {k: grp.params[k].detach() for k in keys}
     layer_state = {l.name: st_of[grp.weight(l)] for l in active}
     factors = {n: Factors(s["K"], s["C"]) for n, s in layer_state.items()}
+    statistics = {n: s for n, s in statistics.items() if n in layer_state}
     state = SINGDState(
         count=torch.tensor(group["step"]),
         factors=factors,
         momenta={n: Factors(s["m_K"], s["m_C"]) for n, s in layer_state.items() if "m_K" in s},
         velocity={k: st_of[grp.params[k]]["momentum_buffer"] for k in keys},
         fallback=(),
-        products=_cached_products(active, factors) if group["T"] > 1 else {},
+        products=_cached_products(active, factors, statistics) if group["T"] > 1 else {},
     )
-    statistics = {n: s for n, s in statistics.items() if n in layer_state}
     updates, new = group_transform(grp, group, active).update(
         grads, state, params,
         statistics=statistics or None,
@@ -180,10 +180,19 @@ def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_sca
     group["step"] += 1
 
 
-def _cached_products(active: tuple[Layer, ...], factors: dict[str, Factors]) -> dict:
-    """K K^T and C C^T of each layer, recomputed where missing or out of date."""
+def _cached_products(active: tuple[Layer, ...], factors: dict[str, Factors],
+                     updating: dict) -> dict:
+    """K K^T and C C^T of each layer, recomputed where missing or out of date.
+
+    Layers in ``updating`` get new factors this step, and the core builds their new
+    products from those: their old products are dropped here, before the new ones exist
+    (two d x d matrices less at the step's peak with dense factors).
+    """
     out = {}
     for layer in active:
+        if layer.name in updating:
+            layer.products = None
+            continue
         K, C = factors[layer.name]
         cached = layer.products
         fresh = cached is not None and all(
