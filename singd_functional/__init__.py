@@ -14,6 +14,7 @@ vmapped sweeps (``sweep.py``).
 """
 
 from . import structures
+from ._official_compat import from_official_state_dict
 from .capture import LayerCapture, make_capture
 from .combine import (
     GradientTransformation,
@@ -43,6 +44,7 @@ __all__ = [
     "Factors",
     "singd",
     "SINGD",
+    "from_official_state_dict",
     "HyperParams",
     "SINGDState",
     "GradientTransformation",

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from . import _distributed
 from . import structures as _structures
+from ._official_compat import OfficialNames
 from .capture import LayerCapture
 from .combine import GradientTransformation
 from .factors import Factors
@@ -98,7 +99,7 @@ def _remove_hooks(handles: list) -> None:
         handle.remove()
 
 
-class SINGD(torch.optim.Optimizer):
+class SINGD(OfficialNames, torch.optim.Optimizer):
     r"""SINGD / IKFAC (Lin et al., ICML 2024) as a ``torch.optim.Optimizer``.
 
     Same constructor and numbers as the official package's ``singd.optim.optimizer.SINGD``
@@ -396,6 +397,7 @@ class SINGD(torch.optim.Optimizer):
         (then gradients and statistics are divided by it), or when a GradScaler that
         has unscaled the gradients calls ``step`` from code this optimizer cannot see.
         """
+        self._check_first_grad_scale(grad_scale)
         self._explicit_grad_scale = grad_scale
 
     def zero_grad(self, set_to_none: bool = True) -> None:
