@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import structures as _structures
+from ._groups import all_layers
 from .layers import SUPPORTED, describe
 from .statistics import accumulate
 
@@ -106,25 +107,6 @@ class OfficialNames:
     SUPPORTED_LOSS_AVERAGE: tuple[str | None, ...] = (None, "batch", "batch+sequence")
     STATE_ATTRIBUTES: tuple[str, ...] = _STATE_ATTRIBUTES
 
-    def __init__(self, params, defaults):
-        super().__init__(params, defaults)
-        # an official checkpoint given to load_state_dict is converted first
-        self.register_load_state_dict_pre_hook(_convert_official)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As the official package: IKFAC keeps no Riemannian momenta, so a group with
-        ``kfac_like=True`` and ``alpha1 != 0`` is warned about and gets ``alpha1 = 0``."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group["kfac_like"] and group["alpha1"] != 0:
-            warnings.warn(
-                f"param group {len(self.param_groups) - 1}: kfac_like=True (IKFAC) ignores "
-                f"alpha1 (got {group['alpha1']}); setting it to 0. Pass alpha1=0 with "
-                "kfac_like=True to silence this",
-                stacklevel=6,  # the SINGD(...) call
-            )
-            group["alpha1"] = 0.0
-
     def _check_first_grad_scale(self, grad_scale) -> None:
         """As the official package: warn when the loss scale of step 0 is far from
         ``init_grad_scale`` (the first statistics are stored divided by the latter, which
@@ -148,9 +130,7 @@ class OfficialNames:
 
     @property
     def module_names(self) -> Mapping[nn.Module, str]:
-        return types.MappingProxyType(
-            {self._layer_module[name]: name for name in self._layer_names()}
-        )
+        return types.MappingProxyType({layer.module: layer.name for layer in self._layers()})
 
     @property
     def Ks(self) -> Mapping[str, Any]:
@@ -187,9 +167,9 @@ class OfficialNames:
 
     def _get_param_group_entry(self, module: nn.Module, entry: str) -> Any:
         """``param_groups[i][entry]`` of the group that trains ``module`` (official name)."""
-        for name in self._layer_names():
-            if self._layer_module[name] is module:
-                return self.param_groups[self._layer_group[name]][entry]
+        for layer in self._layers():
+            if layer.module is module:
+                return self.param_groups[layer.group][entry]
         raise KeyError(f"{module} is not a layer this optimizer preconditions")
 
     @staticmethod
@@ -200,40 +180,30 @@ class OfficialNames:
         return info.d_K, info.d_out
 
     # ------------------------------------------------------------- internals
-    def _layer_names(self) -> list[str]:
-        """Our layers' names in ``model.named_modules()`` order (the official order)."""
+    def _layers(self) -> list:
+        """Our layer records in ``model.named_modules()`` order (the official order)."""
         order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
-        return sorted(self._layer_info, key=lambda n: order.get(n, len(order)))
+        return sorted(all_layers(self._groups), key=lambda l: order.get(l.name, len(order)))
 
     def _pending_statistics(self) -> dict[str, Any]:
         """{layer name: H_K, H_C of the backward passes since the last step}, combined
         as the coming step will combine them (before any all-reduce)."""
-        out = {}
-        for name in self._layer_names():
-            parts = self._parts.get(name)
-            if parts:
-                group = self.param_groups[self._layer_group[name]]
-                out[name] = accumulate([p.stats for p in parts], group["loss_average"])
-        return out
+        return {
+            layer.name: accumulate([p.stats for p in layer.parts],
+                                   self.param_groups[layer.group]["loss_average"])
+            for layer in self._layers() if layer.parts
+        }
 
     def _factor_view(self, key: str) -> Mapping[str, Any]:
         out = {}
-        for name in self._layer_names():
-            grp = self._groups[self._layer_group[name]]
-            st = self.state[grp.params[self._layer_info[name].weight]]
+        for layer in self._layers():
+            st = self.state[self._groups[layer.group].weight(layer)]
             if key in st:
-                out[name] = st[key]
+                out[layer.name] = st[key]
         return types.MappingProxyType(out)
 
 
 # ------------------------------------------------------------------ checkpoints
-def _convert_official(optimizer, state_dict):
-    """load_state_dict pre-hook: an official checkpoint becomes ours first."""
-    if is_official_state_dict(state_dict):
-        return from_official_state_dict(state_dict, optimizer)
-    return None
-
-
 def is_official_state_dict(state_dict: Mapping) -> bool:
     """True for a state dict of the official package's SINGD (it has ``Ks`` and ``steps``)."""
     return isinstance(state_dict, Mapping) and "Ks" in state_dict and "steps" in state_dict \
@@ -318,11 +288,10 @@ def from_official_state_dict(official: Mapping[str, Any], optimizer) -> dict[str
                 )
             state[i]["momentum_buffer"] = buf.detach().clone()
 
-    names = {name for name in optimizer._layer_info}
-    for name in names:
+    for layer in all_layers(optimizer._groups):
+        name = layer.name
         off_name = _official_name(name, official["Ks"])
-        grp = optimizer._groups[optimizer._layer_group[name]]
-        i = index_of[id(grp.params[optimizer._layer_info[name].weight])]
+        i = index_of[id(optimizer._groups[layer.group].weight(layer))]
         for key, table in (("K", "Ks"), ("C", "Cs"), ("m_K", "m_Ks"), ("m_C", "m_Cs")):
             if key not in state[i]:
                 continue
