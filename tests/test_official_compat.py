@@ -214,6 +214,23 @@ def test_first_grad_scale_far_from_init_grad_scale_warns():
         sf.SINGD(make_model("mlp")).set_current_grad_scale(1.0)
 
 
+@pytest.mark.parametrize("init_grad_scale", [1.0, 2.0**12])
+def test_first_grad_scale_check_on_the_grad_scaler_path(init_grad_scale):
+    model = make_model("mlp")
+    opt = sf.SINGD(model, T=1, init_grad_scale=init_grad_scale)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    x, y = make_batch("mlp", 0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            scaler.scale(make_loss("batch")(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+    messages = [str(w.message) for w in seen if "init_grad_scale" in str(w.message)]
+    assert len(messages) == (1 if init_grad_scale == 1.0 else 0)  # step 0 only
+
+
 @pytest.mark.oracle
 @needs_official
 @pytest.mark.parametrize("case", ["kfac_like", "grad_scale"])
