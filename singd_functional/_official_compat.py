@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from . import structures as _structures
 from ._groups import all_layers
+from ._recording import combine
 from .layers import SUPPORTED, describe
-from .statistics import accumulate
 
 # the names the official package's SINGD documents as its state besides `state`
 _STATE_ATTRIBUTES = ("steps", "_grad_scales", "Ks", "Cs", "m_Ks", "m_Cs", "H_Ks", "H_Cs")
@@ -93,7 +93,8 @@ class OfficialNames:
     ``module_names``          {layer module: its name}, in ``model.named_modules()`` order
     ``Ks, Cs, m_Ks, m_Cs``    {layer name: structured matrix} (``m_Ks`` empty when alpha1 = 0)
     ``H_Ks, H_Cs``            {layer name: statistics accumulated since the last step}
-                              (empty right after a step; H_C in the units the step will use)
+                              (empty right after a step; H_C divided by the square of the
+                              expected loss scale: init_grad_scale, then the last step's)
     ``preconditioner_dims``   (d_K, d_C) of a layer module
     class attributes          ``SUPPORTED_STRUCTURES``, ``SUPPORTED_MODULES``,
                               ``SUPPORTED_LOSS_AVERAGE``, ``STATE_ATTRIBUTES``
@@ -175,6 +176,11 @@ class OfficialNames:
     @staticmethod
     def preconditioner_dims(module: nn.Module) -> tuple[int, int]:
         """(d_K, d_C): the sides of K and C for a supported layer (d_K counts the bias)."""
+        if type(module) not in SUPPORTED:
+            raise NotImplementedError(
+                f"preconditioner_dims: {type(module).__name__} is not a layer SINGD "
+                f"preconditions ({', '.join(t.__name__ for t in SUPPORTED)})"
+            )
         keys = {id(p): k for k, p in module.named_parameters()}
         info = describe("", module, keys)
         return info.d_K, info.d_out
@@ -189,8 +195,7 @@ class OfficialNames:
         """{layer name: H_K, H_C of the backward passes since the last step}, combined
         as the coming step will combine them (before any all-reduce)."""
         return {
-            layer.name: accumulate([p.stats for p in layer.parts],
-                                   self.param_groups[layer.group]["loss_average"])
+            layer.name: combine(layer.parts, self.param_groups[layer.group]["loss_average"])
             for layer in self._layers() if layer.parts
         }
 

@@ -129,6 +129,8 @@ def test_preconditioner_dims():
     ]
     for module, dims in cases:
         assert sf.SINGD.preconditioner_dims(module) == dims
+    with pytest.raises(NotImplementedError, match="LayerNorm"):
+        sf.SINGD.preconditioner_dims(nn.LayerNorm(3))
     opt = sf.SINGD(make_model("cnn"))
     for module, name in opt.module_names.items():
         assert opt.preconditioner_dims(module) == (opt.Ks[name].dim, opt.Cs[name].dim)
