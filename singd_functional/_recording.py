@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import _distributed
 from ._groups import Layer, all_layers, follow_params
+from ._options import check_T
 from .capture import LayerCapture
 from .statistics import LayerStatistics, accumulate, layer_statistics
 
@@ -68,6 +69,7 @@ def record(optimizer, layer: Layer, args, output) -> None:
     if not output.requires_grad:
         return
     group = optimizer.param_groups[layer.group]
+    check_T(f"param group {layer.group} (layer {layer.name!r})", group["T"])
     if group["step"] % group["T"] != 0:
         return
     # x is held by the hook, which lives in the autograd graph: a forward pass that is

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from . import _amp, _distributed, _recording
+from . import _amp, _distributed, _options, _recording
 from ._groups import (
     LOCKED,
     Group,
     Layer,
     all_layers,
+    check_weight,
     follow_params,
     group_transform,
     locked,
@@ -34,6 +35,8 @@ def step(optimizer) -> None:
         _recording.drop(optimizer)  # GradScaler skips this step; so do the statistics
         optimizer._explicit_grad_scale = None
         return
+    for grp, group in zip(optimizer._groups, optimizer.param_groups):
+        check(grp, group)  # every group before any changes: a step is all or nothing
     with torch.no_grad(), _recording.no_autocast():
         grad_scale, statistics_scale = _amp.scales(optimizer, _recording.has_parts(optimizer))
         for layer in all_layers(optimizer._groups):
@@ -42,6 +45,26 @@ def step(optimizer) -> None:
         for grp, group in zip(optimizer._groups, optimizer.param_groups):
             _update_group(optimizer, grp, group, statistics.get(grp.index, {}), grad_scale)
     optimizer._explicit_grad_scale = None
+
+
+def check(grp: Group, group: dict) -> None:
+    """Raise if param group ``grp.index`` cannot step as it is now set (changes nothing)."""
+    where = f"param group {grp.index}"
+    _options.check_group(where, group)
+    now = locked(group)
+    if now != grp.locked:
+        raise ValueError(
+            f"{where}: {dict(zip(LOCKED, now))} changed after the "
+            f"optimizer was built (was {dict(zip(LOCKED, grp.locked))}); the factors "
+            "cannot change structure: build a new optimizer instead"
+        )
+    if not grp.keeps_momenta and not group["kfac_like"] and group["alpha1"] != 0:
+        raise ValueError(
+            f"{where} was built with alpha1=0 (no Riemannian momenta kept); "
+            "it cannot be raised later: build the optimizer with alpha1 > 0"
+        )
+    for layer in grp.layers:
+        check_weight(grp, layer)
 
 
 def _statistics(optimizer, statistics_scale) -> dict[int, dict[str, LayerStatistics]]:
@@ -92,14 +115,6 @@ def _statistics(optimizer, statistics_scale) -> dict[int, dict[str, LayerStatist
 
 
 def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_scale) -> None:
-    index = grp.index
-    now = locked(group)
-    if now != grp.locked:
-        raise ValueError(
-            f"param group {index}: {dict(zip(LOCKED, now))} changed after the "
-            f"optimizer was built (was {dict(zip(LOCKED, grp.locked))}); the factors "
-            "cannot change structure: build a new optimizer instead"
-        )
     active = tuple(l for l in grp.layers if grp.weight(l).grad is not None)
     layer_keys = {k for l in grp.layers for k in l.info.params}
     keys = [k for l in active for k in l.info.params]
@@ -167,14 +182,7 @@ def _cached_products(active: tuple[Layer, ...], factors: dict[str, Factors]) -> 
 def hyperparams(grp: Group, group: dict, due: bool) -> HyperParams:
     """The group's numbers now (lr_cov is only evaluated when the factors update)."""
     lr_cov = group["lr_cov"]
-    alpha1 = None
-    if grp.keeps_momenta:
-        alpha1 = group["alpha1"]
-    elif not group["kfac_like"] and group["alpha1"] != 0:
-        raise ValueError(
-            f"param group {grp.index} was built with alpha1=0 (no Riemannian momenta kept); "
-            "it cannot be raised later: build the optimizer with alpha1 > 0"
-        )
+    alpha1 = group["alpha1"] if grp.keeps_momenta else None
     return HyperParams(
         lr=group["lr"], momentum=group["momentum"], damping=group["damping"],
         alpha1=alpha1, weight_decay=group["weight_decay"],
