@@ -298,14 +298,15 @@ def from_official_state_dict(official: Mapping[str, Any], optimizer) -> dict[str
         off_name = _official_name(name, official["Ks"])
         i = index_of[id(optimizer._groups[layer.group].weight(layer))]
         for key, table in (("K", "Ks"), ("C", "Cs"), ("m_K", "m_Ks"), ("m_C", "m_Cs")):
-            if key not in state[i]:
-                continue
             matrix = (official.get(table) or {}).get(off_name)
-            if matrix is None:
+            if key not in state[i] and matrix is None:
+                continue
+            if matrix is None or key not in state[i]:
+                where = "here" if matrix is not None else "in the official checkpoint"
                 raise ValueError(
-                    f"from_official_state_dict: layer {name!r} has no {table[:-1]} in the "
-                    "official checkpoint; build SINGD with the same model, params and "
-                    "alpha1/kfac_like as the official optimizer"
+                    f"from_official_state_dict: layer {name!r} has no {table[:-1]} {where}; "
+                    "build SINGD with the same model, params and alpha1 (0 or not) and "
+                    "kfac_like as the official optimizer"
                 )
             state[i][key] = _converted(state[i][key], matrix, name, key)
 

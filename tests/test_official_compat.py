@@ -375,8 +375,14 @@ def test_official_checkpoint_that_does_not_fit():
     _train(official, model, "mlp", 1)
     checkpoint = _official_checkpoint(official)
 
+    refusing = sf.SINGD(model, structures=("dense", "dense"))
     with pytest.raises(ValueError, match="structures=.'diagonal', 'dense'. in the official"):
-        sf.SINGD(model, structures=("dense", "dense")).load_state_dict(checkpoint)
+        refusing.load_state_dict(checkpoint)
+    assert refusing.steps == 0  # nothing changed
+    assert all(torch.equal(K.to_dense(), torch.eye(K.dim, dtype=K.dtype))
+               for K in refusing.Ks.values())
+    with pytest.raises(ValueError, match="has no m_K here"):
+        sf.SINGD(model, structures=("diagonal", "dense"), alpha1=0.0).load_state_dict(checkpoint)
     with pytest.raises(ValueError, match="param groups"):
         sf.SINGD(model, params=model[0].parameters()).load_state_dict(checkpoint)
     with pytest.raises(ValueError, match="not a state dict"):
