@@ -26,7 +26,7 @@ from .combine import (
 )
 from .factors import Factors
 from .fallbacks import adamw, sgd
-from .layers import LayerInfo, find_layers
+from .layers import LayerInfo, LayerKind, describe, find_layers, register_layer_kind
 from .optim import SINGD
 from .statistics import LayerStatistics
 from .sweep import Step, Sweep, SweepState, grid, make_step, make_sweep
@@ -38,6 +38,9 @@ __all__ = [
     "structures",
     "find_layers",
     "LayerInfo",
+    "LayerKind",
+    "register_layer_kind",
+    "describe",
     "make_capture",
     "LayerCapture",
     "LayerStatistics",

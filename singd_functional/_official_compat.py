@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import structures as _structures
 from ._groups import all_layers
 from ._recording import combine
-from .layers import SUPPORTED, describe
+from .layers import LayerInfo, kind_of_module, layer_types
 
 # the names the official package's SINGD documents as its state besides `state`
 _STATE_ATTRIBUTES = ("steps", "_grad_scales", "Ks", "Cs", "m_Ks", "m_Cs", "H_Ks", "H_Cs")
@@ -82,8 +82,9 @@ class _StructureTable(Mapping):
 
 
 def _supported_modules() -> tuple[type[nn.Module], ...]:
-    """The layer types SINGD preconditions (the registry of ``layers.py``)."""
-    return tuple(SUPPORTED)
+    """The layer types SINGD preconditions (and their subclasses): the registry of
+    ``layers.py``, read at every access, so registered kinds appear."""
+    return layer_types()
 
 
 class OfficialNames:
@@ -131,7 +132,15 @@ class OfficialNames:
 
     @property
     def module_names(self) -> Mapping[nn.Module, str]:
-        return types.MappingProxyType({layer.module: layer.name for layer in self._layers()})
+        """{module: layer name} for the modules that carry one layer (all built-in kinds;
+        a module of several layers, such as attention, is left out: see ``Ks``)."""
+        layers = self._layers()
+        count: dict[int, int] = {}
+        for layer in layers:
+            count[id(layer.module)] = count.get(id(layer.module), 0) + 1
+        return types.MappingProxyType(
+            {l.module: l.name for l in layers if count[id(l.module)] == 1}
+        )
 
     @property
     def Ks(self) -> Mapping[str, Any]:
@@ -175,21 +184,23 @@ class OfficialNames:
 
     @staticmethod
     def preconditioner_dims(module: nn.Module) -> tuple[int, int]:
-        """(d_K, d_C): the sides of K and C for a supported layer (d_K counts the bias)."""
-        if type(module) not in SUPPORTED:
-            raise NotImplementedError(
-                f"preconditioner_dims: {type(module).__name__} is not a layer SINGD "
-                f"preconditions ({', '.join(t.__name__ for t in SUPPORTED)})"
-            )
+        """(d_K, d_C): the sides of K and C for a layer module (d_K counts the bias)."""
+        kind = kind_of_module(module)
         keys = {id(p): k for k, p in module.named_parameters()}
-        info = describe("", module, keys)
-        return info.d_K, info.d_out
+        info = None if kind is None else kind.describe("", module, keys)
+        if not isinstance(info, LayerInfo):
+            raise NotImplementedError(
+                f"preconditioner_dims: {type(module).__name__} is not one layer SINGD "
+                f"preconditions (layer types: {', '.join(t.__name__ for t in layer_types())})"
+            )
+        return info.d_K, info.d_C
 
     # ------------------------------------------------------------- internals
     def _layers(self) -> list:
         """Our layer records in ``model.named_modules()`` order (the official order)."""
         order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
-        return sorted(all_layers(self._groups), key=lambda l: order.get(l.name, len(order)))
+        return sorted(all_layers(self._groups),
+                      key=lambda l: (order.get(l.info.site, len(order)), l.name))
 
     def _pending_statistics(self) -> dict[str, Any]:
         """{layer name: H_K, H_C of the backward passes since the last step}, combined

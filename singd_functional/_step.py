@@ -9,6 +9,8 @@ from the group's static entries and cached) is called with the group's numbers o
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import _amp, _distributed, _options, _recording
@@ -108,9 +110,22 @@ def _statistics(optimizer, statistics_scale) -> dict[int, dict[str, LayerStatist
         reduced = _distributed.all_reduce_statistics(templates, process_group)
 
     out: dict[int, dict[str, LayerStatistics]] = {}
+    unrecorded = []
     for (grp, layer, _, _), stats in zip(entries, reduced):
         if stats is not None:
             out.setdefault(grp.index, {})[layer.name] = stats
+        elif grp.weight(layer).grad is not None and layer.name not in optimizer._unrecorded:
+            unrecorded.append(layer.name)
+    if unrecorded:
+        optimizer._unrecorded.update(unrecorded)
+        warnings.warn(
+            f"SINGD: layers {unrecorded} have gradients but recorded no statistics: their "
+            "modules were not called in forward (a weight used directly, as in "
+            "F.linear(x, m.weight), is no layer call), so their factors keep their values "
+            "(the identity until then). Call the module, or pass its parameters to "
+            "another optimizer",
+            stacklevel=4,
+        )
     return out
 
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .capture import LayerCapture
-from .layers import LayerInfo
+from .layers import LayerInfo, layer_kind
 from .structures import StructuredMatrix
 
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
@@ -32,38 +31,10 @@ class LayerStatistics(NamedTuple):
     H_C: StructuredMatrix
 
 
-def _patches(info: LayerInfo, x: Tensor) -> Tensor:
-    """Unfolded input patches of a conv layer: [N, d_in, positions]."""
-    if info.kind == "conv1d":
-        x = x.unsqueeze(-2)
-    if info.groups > 1:  # ALGORITHM.md: average the input channels over the groups
-        n, ch = x.shape[0], x.shape[1]
-        x = x.reshape(n, info.groups, ch // info.groups, *x.shape[2:]).mean(1)
-    top, bottom, left, right = info.padding
-    padding: tuple[int, int] = (top, left)
-    if info.padding_mode != "zeros" or top != bottom or left != right:
-        mode = "constant" if info.padding_mode == "zeros" else info.padding_mode
-        x = F.pad(x, (left, right, top, bottom), mode=mode)
-        padding = (0, 0)
-    return F.unfold(
-        x, info.kernel_size, dilation=info.dilation, padding=padding, stride=info.stride
-    )
-
-
-def _rows_one_call(info: LayerInfo, x: Tensor, g: Tensor):
-    """(a, g) per sample and position: [N, S, d_in], [N, S, d_out]."""
-    if info.kind == "linear":
-        if x.dim() == 1:
-            x, g = x.unsqueeze(0), g.unsqueeze(0)
-        n = x.shape[0]
-        return x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1])
-    a = _patches(info, x).transpose(1, 2)
-    return a, g.flatten(2).transpose(1, 2)
-
-
 def layer_rows(info: LayerInfo, capture: LayerCapture, kfac_approx: str):
     """The a-rows and g-rows of ALGORITHM.md for one layer.
 
+    The rows of one call come from the layer's kind (:attr:`LayerKind.rows`).
     Several calls of the layer in one forward pass are pooled as extra weight-sharing
     positions (concatenated along the sharing dimension).
 
@@ -72,7 +43,8 @@ def layer_rows(info: LayerInfo, capture: LayerCapture, kfac_approx: str):
         bias is trained), ``g`` [R', d_C], the batch size ``N`` and the number of
         weight-sharing positions ``S`` (summed over calls).
     """
-    per_call = [_rows_one_call(info, x, g) for x, g in zip(capture.inputs, capture.output_grads)]
+    rows = layer_kind(info).rows
+    per_call = [rows(info, x, g) for x, g in zip(capture.inputs, capture.output_grads)]
     a = torch.cat([p[0] for p in per_call], 1) if len(per_call) > 1 else per_call[0][0]
     g = torch.cat([p[1] for p in per_call], 1) if len(per_call) > 1 else per_call[0][1]
     N, S = a.shape[0], a.shape[1]
@@ -83,6 +55,18 @@ def layer_rows(info: LayerInfo, capture: LayerCapture, kfac_approx: str):
     if info.bias is not None:
         a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
     return a, g, N, S
+
+
+def batch_and_positions(info: LayerInfo, capture: LayerCapture) -> tuple[int, int]:
+    """(N, S) of :func:`layer_rows`, from the kind's rows of 'meta' copies (no arithmetic)."""
+
+    def meta(t: Tensor) -> Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    rows = layer_kind(info).rows
+    shapes = [rows(info, meta(x), meta(g))[0].shape
+              for x, g in zip(capture.inputs, capture.output_grads)]
+    return shapes[0][0], sum(s[1] for s in shapes)
 
 
 def loss_scale(loss_average, N: int, S: int):
@@ -117,6 +101,10 @@ def layer_statistics(
         grad_scale: the loss scale s the output gradients carry (GradScaler); H_C is
             divided by s^2.
     """
+    own = layer_kind(info).statistics
+    if own is not None:  # a kind-specific statistic (e.g. token counts of an embedding)
+        return own(info, K, C, capture, kfac_approx=kfac_approx, loss_average=loss_average,
+                   grad_scale=grad_scale)
     a, g, N, S = layer_rows(info, capture, kfac_approx)
     a = a.to(K.dtype)
     g = g.to(C.dtype)

@@ -136,9 +136,34 @@ def test_preconditioner_dims():
         assert opt.preconditioner_dims(module) == (opt.Ks[name].dim, opt.Cs[name].dim)
 
 
+class Scaled(nn.Module):
+    """A layer type of our own, registered below with the linear kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        self.bias = None
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+def test_supported_modules_follow_the_layer_registry():
+    from singd_functional.layers import layer_kind
+
+    assert set(sf.SINGD.SUPPORTED_MODULES) == {nn.Linear, nn.Conv1d, nn.Conv2d}
+    assert nn.MultiheadAttention not in sf.SINGD.SUPPORTED_MODULES  # opaque: not a layer
+    assert isinstance(nn.MultiheadAttention(4, 2).out_proj, sf.SINGD.SUPPORTED_MODULES)
+    with sf.register_layer_kind(Scaled, layer_kind("linear")):
+        assert Scaled in sf.SINGD.SUPPORTED_MODULES
+        assert sf.SINGD.preconditioner_dims(Scaled()) == (4, 3)
+    assert Scaled not in sf.SINGD.SUPPORTED_MODULES
+    with pytest.raises(NotImplementedError, match="Scaled"):
+        sf.SINGD.preconditioner_dims(Scaled())
+
+
 def test_class_attributes():
     assert sf.SINGD.SUPPORTED_LOSS_AVERAGE == (None, "batch", "batch+sequence")
-    assert {nn.Linear, nn.Conv1d, nn.Conv2d} <= set(sf.SINGD.SUPPORTED_MODULES)
     table = sf.SINGD.SUPPORTED_STRUCTURES
     assert list(table)[:6] == ["dense", "diagonal", "block30diagonal", "hierarchical15_15",
                                "triltoeplitz", "triutoeplitz"]
