@@ -13,7 +13,7 @@ Faces over that core: :class:`SINGD` (``optim.py``, a torch.optim.Optimizer) and
 vmapped sweeps (``sweep.py``).
 """
 
-from . import structures
+from . import _attention, _embedding, structures  # noqa: F401 (registers their kinds)
 from ._official_compat import from_official_state_dict
 from ._pytree import PYTREE_NAMESPACE
 from .capture import LayerCapture, make_capture

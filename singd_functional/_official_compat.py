@@ -188,10 +188,16 @@ class OfficialNames:
         kind = kind_of_module(module)
         keys = {id(p): k for k, p in module.named_parameters()}
         info = None if kind is None else kind.describe("", module, keys)
+        if kind is None or info is None:
+            raise NotImplementedError(
+                f"preconditioner_dims: {type(module).__name__} is no layer SINGD "
+                f"preconditions (layer types: {', '.join(t.__name__ for t in layer_types())})"
+            )
         if not isinstance(info, LayerInfo):
             raise NotImplementedError(
-                f"preconditioner_dims: {type(module).__name__} is not one layer SINGD "
-                f"preconditions (layer types: {', '.join(t.__name__ for t in layer_types())})"
+                f"preconditioner_dims: a {type(module).__name__} carries {len(info)} layers "
+                f"({', '.join(i.name for i in info)}); read opt.Ks[name].dim and "
+                "opt.Cs[name].dim of each instead"
             )
         return info.d_K, info.d_C
 

@@ -5,6 +5,11 @@ Per step: the parts recorded since the last step are accumulated per layer
 (``_distributed``); then each param group's pure transform (``transform.singd``, built
 from the group's static entries and cached) is called with the group's numbers of now
 (``HyperParams``) and its updates are added to the parameters. No formula lives here.
+
+Two variants of the last call share the step's work across processes: parameters
+sharded by ``fully_shard`` go to ``_fsdp.sharded_update`` (row shards), and
+``split_work`` to ``_split.split_update`` (one owner per layer). An unwrapped model's
+gradients are reduced with the statistics (``_distributed.all_reduce_step``).
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
-from . import _amp, _distributed, _options, _recording
+from . import _amp, _distributed, _fsdp, _options, _recording, _split
 from ._groups import (
     LOCKED,
     Group,
@@ -60,7 +67,7 @@ def check(grp: Group, group: dict) -> None:
             f"optimizer was built (was {dict(zip(LOCKED, grp.locked))}); the factors "
             "cannot change structure: build a new optimizer instead"
         )
-    if not grp.keeps_momenta and not group["kfac_like"] and group["alpha1"] != 0:
+    if grp.layers and not grp.keeps_momenta and not group["kfac_like"] and group["alpha1"] != 0:
         raise ValueError(
             f"{where} was built with alpha1=0 (no Riemannian momenta kept); "
             "it cannot be raised later: build the optimizer with alpha1 > 0"
@@ -107,7 +114,13 @@ def _statistics(optimizer, statistics_scale) -> dict[int, dict[str, LayerStatist
             zeros = LayerStatistics(state["K"].map(torch.zeros_like),
                                     state["C"].map(torch.zeros_like))
             templates.append((zeros, local, loss_average))
-        reduced = _distributed.all_reduce_statistics(templates, process_group)
+        grads = _gradients_to_reduce(optimizer)
+        reduced, summed = _distributed.all_reduce_step(templates, grads, process_group)
+        for (p, g, _), total in zip(grads, summed):
+            if g is not None and total is not None:
+                g.copy_(total)
+            else:
+                p.grad = total
 
     out: dict[int, dict[str, LayerStatistics]] = {}
     unrecorded = []
@@ -146,8 +159,9 @@ def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_sca
 
     # a frozen bias beside a trained weight: a zero column in G, and no update
     no_grad = {k for k in keys if grp.params[k].grad is None}
-    grads = {k: torch.zeros_like(grp.params[k]) if k in no_grad else grp.params[k].grad
-             for k in keys}
+    grads: dict[str, Tensor] = {
+        k: torch.zeros_like(grp.params[k]) if k in no_grad else grp.params[k].grad  # type: ignore[misc]
+        for k in keys}
     params = {k: grp.params[k].detach() for k in keys}
     layer_state = {l.name: st_of[grp.weight(l)] for l in active}
     factors = {n: Factors(s["K"], s["C"]) for n, s in layer_state.items()}
@@ -160,17 +174,31 @@ def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_sca
         products=_cached_products(active, factors) if group["T"] > 1 else {},
     )
     statistics = {n: s for n, s in statistics.items() if n in layer_state}
-    updates, new = group_transform(grp, group, active).update(
-        grads, state, params,
-        statistics=statistics or None,
-        hyperparams=hyperparams(grp, group, due=bool(statistics)),
-        grad_scale=grad_scale,
-    )
+    options = dict(statistics=statistics or None, grad_scale=grad_scale,
+                   hyperparams=hyperparams(grp, group, due=bool(statistics)))
+    infos = tuple(l.info for l in active)
+    split_group = _distributed.resolve_group(optimizer.process_group) \
+        if optimizer.split_work else None  # (refused for fully_shard models in SINGD())
+
+    def make_tx(layer_infos):
+        return group_transform(grp, group, tuple(l for l in active if l.info in layer_infos))
+
+    if any(_fsdp.is_sharded(p) for p in params.values()):  # fully_shard: on row shards
+        updates, new = _fsdp.sharded_update(infos, make_tx, grads, state, params, **options)
+    elif split_group is not None:  # each layer's work on its owner, one all_gather
+        updates, new = _split.split_update(
+            infos, make_tx, grads, state, params,
+            owners=_owners(optimizer, split_group), group=split_group, **options,
+        )
+    else:
+        updates, new = group_transform(grp, group, active).update(
+            grads, state, params, **options
+        )
     for k in keys:
         if k in no_grad:
             continue
         p = grp.params[k]
-        p.add_(updates[k].to(p.dtype))
+        _fsdp.local(p).add_(updates[k].to(p.dtype))  # a sharded p: its rows
         st_of[p]["momentum_buffer"] = new.velocity[k]
     for name, st in layer_state.items():
         store_factors(st, new.factors[name], new.momenta.get(name))
@@ -178,6 +206,37 @@ def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_sca
         if layer.name in new.products:
             layer.products = new.products[layer.name]
     group["step"] += 1
+
+
+def _gradients_to_reduce(optimizer) -> list[tuple[Tensor, Tensor | None, bool]]:
+    """(parameter, local gradient, summed?) of every parameter, if the step reduces them.
+
+    It does for an unwrapped model (``reduce_gradients`` None: neither wrapped in
+    DistributedDataParallel nor sharded by fully_shard, which reduce them already).
+    """
+    reduce = optimizer.reduce_gradients
+    if reduce is None:
+        reduce = not isinstance(optimizer.model, DistributedDataParallel) and not any(
+            _fsdp.is_sharded(p) for grp in optimizer._groups for p in grp.params.values()
+        )
+    if not reduce:
+        return []
+    return [(p, p.grad, group["loss_average"] is None)
+            for grp, group in zip(optimizer._groups, optimizer.param_groups)
+            for p in grp.params.values()]
+
+
+def _owners(optimizer, process_group) -> dict[str, int]:
+    """The owner rank of every layer under ``split_work`` (chosen once per world size)."""
+    world = torch.distributed.get_world_size(process_group)
+    if optimizer._split_owners is None or optimizer._split_owners[0] != world:
+        costs = {}
+        for grp, group in zip(optimizer._groups, optimizer.param_groups):
+            for layer in grp.layers:
+                st = optimizer.state[grp.weight(layer)]
+                costs[layer.name] = _split.layer_cost(layer.info, st["K"], st["C"], group["T"])
+        optimizer._split_owners = (world, _split.assign(costs, world))
+    return optimizer._split_owners[1]
 
 
 def _cached_products(active: tuple[Layer, ...], factors: dict[str, Factors]) -> dict:

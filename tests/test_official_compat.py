@@ -149,15 +149,18 @@ class Scaled(nn.Module):
 
 
 def test_supported_modules_follow_the_layer_registry():
-    from singd_functional.layers import layer_kind
+    from singd_functional.layers import OPAQUE, layer_kind
 
-    assert set(sf.SINGD.SUPPORTED_MODULES) == {nn.Linear, nn.Conv1d, nn.Conv2d}
-    assert nn.MultiheadAttention not in sf.SINGD.SUPPORTED_MODULES  # opaque: not a layer
+    assert {nn.Linear, nn.Conv1d, nn.Conv2d} <= set(sf.SINGD.SUPPORTED_MODULES)
     assert isinstance(nn.MultiheadAttention(4, 2).out_proj, sf.SINGD.SUPPORTED_MODULES)
     with sf.register_layer_kind(Scaled, layer_kind("linear")):
         assert Scaled in sf.SINGD.SUPPORTED_MODULES
         assert sf.SINGD.preconditioner_dims(Scaled()) == (4, 3)
     assert Scaled not in sf.SINGD.SUPPORTED_MODULES
+    with sf.register_layer_kind(Scaled, OPAQUE):  # opaque: a subtree that is no layer
+        assert Scaled not in sf.SINGD.SUPPORTED_MODULES
+    with pytest.raises(NotImplementedError, match="carries 2 layers"):
+        sf.SINGD.preconditioner_dims(nn.MultiheadAttention(4, 2))
     with pytest.raises(NotImplementedError, match="Scaled"):
         sf.SINGD.preconditioner_dims(Scaled())
 
