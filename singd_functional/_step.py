@@ -34,7 +34,7 @@ from ._groups import (
 )
 from .factors import Factors
 from .precondition import outer_products
-from .statistics import LayerStatistics, accumulate
+from .statistics import LayerStatistics
 from .transform import HyperParams, SINGDState
 
 
@@ -94,7 +94,7 @@ def _statistics(optimizer, statistics_scale) -> dict[int, dict[str, LayerStatist
             layer_parts = parts.get(layer.name)
             stats = None
             if layer_parts and grp.weight(layer).grad is not None:
-                stats = accumulate([p.stats for p in layer_parts], group["loss_average"])
+                stats = _recording.combine(layer_parts, group["loss_average"])
                 if ratio is not None:  # H_C was divided by the expected scale squared
                     stats = LayerStatistics(stats.H_K, stats.H_C * ratio)
             local = _distributed.LocalStatistics(
@@ -165,15 +165,15 @@ def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_sca
     params = {k: grp.params[k].detach() for k in keys}
     layer_state = {l.name: st_of[grp.weight(l)] for l in active}
     factors = {n: Factors(s["K"], s["C"]) for n, s in layer_state.items()}
+    statistics = {n: s for n, s in statistics.items() if n in layer_state}
     state = SINGDState(
         count=torch.tensor(group["step"]),
         factors=factors,
         momenta={n: Factors(s["m_K"], s["m_C"]) for n, s in layer_state.items() if "m_K" in s},
         velocity={k: st_of[grp.params[k]]["momentum_buffer"] for k in keys},
         fallback=(),
-        products=_cached_products(active, factors) if group["T"] > 1 else {},
+        products=_cached_products(active, factors, statistics) if group["T"] > 1 else {},
     )
-    statistics = {n: s for n, s in statistics.items() if n in layer_state}
     options = dict(statistics=statistics or None, grad_scale=grad_scale,
                    hyperparams=hyperparams(grp, group, due=bool(statistics)))
     infos = tuple(l.info for l in active)
@@ -239,10 +239,19 @@ def _owners(optimizer, process_group) -> dict[str, int]:
     return optimizer._split_owners[1]
 
 
-def _cached_products(active: tuple[Layer, ...], factors: dict[str, Factors]) -> dict:
-    """K K^T and C C^T of each layer, recomputed where missing or out of date."""
+def _cached_products(active: tuple[Layer, ...], factors: dict[str, Factors],
+                     updating: dict) -> dict:
+    """K K^T and C C^T of each layer, recomputed where missing or out of date.
+
+    Layers in ``updating`` get new factors this step, and the core builds their new
+    products from those: their old products are dropped here, before the new ones exist
+    (two d x d matrices less at the step's peak with dense factors).
+    """
     out = {}
     for layer in active:
+        if layer.name in updating:
+            layer.products = None
+            continue
         K, C = factors[layer.name]
         cached = layer.products
         fresh = cached is not None and all(

@@ -211,6 +211,28 @@ def test_grad_through_operations(name):
     _close(an, fd, 1e-6)
 
 
+@pytest.mark.parametrize("name", ["block4diagonal", "hierarchical3_2"])
+def test_products_eager_equal_joined_under_vmap_and_autograd(name):
+    """The eager products that write their parts into one output (out=) equal the joined
+    ones that vmap and autograd take, on both column and row forms."""
+    T = structures.get(name)
+    K = _rand(T, 11)
+    X = torch.randn(11, 5, dtype=DT)
+    for op in ("matmat", "rmatmat", "outer_matmat", "outer_matmat_right"):
+        if op == "outer_matmat_right":
+            X = X.mT.contiguous()
+        eager = getattr(K, op)(X)
+        batched = torch.func.vmap(lambda x, op=op: getattr(K, op)(x))(X[None])[0]
+        assert torch.allclose(eager, batched, rtol=0, atol=1e-13)
+        _close(eager, getattr(Dense(K.to_dense()), op)(X), 1e-12)
+    X = X.mT.contiguous()
+    Xg = X.clone().requires_grad_(True)
+    K.outer_matmat(Xg).square().sum().backward()
+    M = K.to_dense() @ K.to_dense().T
+    _close(Xg.grad, 2 * M.T @ (M @ X), 1e-12)
+    assert torch.allclose(K.matmat_right(X.T), X.T @ K.to_dense(), rtol=0, atol=1e-13)
+
+
 # ------------------------------------------------------------------- factories
 def test_specialize_caches_and_validates():
     assert BlockDiagonal.specialize(7) is structures.get("block7diagonal")

@@ -14,7 +14,7 @@ per structure, in that structure's own parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -76,6 +76,15 @@ class StructuredMatrix:
     @property
     def leaves(self) -> tuple[Tensor, ...]:
         return tuple(getattr(self, f) for f in self._fields)
+
+    def named_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """Iterator of (field name, stored tensor), as the official package's matrices have."""
+        return iter(tuple(zip(self._fields, self.leaves)))
+
+    @property
+    def shape(self) -> torch.Size:
+        """(d, d), as the official package's matrices have."""
+        return torch.Size((self.dim, self.dim))
 
     @property
     def dim(self) -> int:
@@ -238,6 +247,14 @@ class StructuredMatrix:
             self._check_same(other)
             return self.matmul(other)
         return self.matmat(other)
+
+
+def _eager(*tensors: Tensor) -> bool:
+    """True when products may write into buffers (``out=``, in-place): outside vmap,
+    torch.func.grad and torch.compile, and with no tensor needing autograd."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _eye_like(n: int, like: Tensor) -> Tensor:
