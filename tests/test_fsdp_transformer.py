@@ -75,6 +75,9 @@ CONFIGS = {
     # block2 C: row-local for the 4-row shards of the width-8 layers, gathered for the
     # 5-row shards of the head and for nothing else
     "block2-C-T2-tied": dict(tied=True, hp=dict(BASE, T=2, structures=("dense", "block2diagonal"))),
+    # every attention module a fully_shard unit of its own: its parameters are resharded
+    # by FSDP2's post-forward hook, after which the kind must not read them
+    "per-attention-unit": dict(tied=False, per_attention=True, hp=dict(BASE)),
 }
 
 
@@ -90,6 +93,9 @@ def _train_rank(rank: int, world: int, name: str) -> dict:
     cfg = CONFIGS[name]
     model = make_model(cfg["tied"])
     mesh = init_device_mesh("cpu", (world,))
+    if cfg.get("per_attention"):
+        for block in model.blocks:
+            fully_shard(block.self_attn, mesh=mesh)
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -153,7 +159,7 @@ def _check(name: str, world: int):
     # the rows of a layer are gathered when its C mixes shards of ceil(d_out / W) rows;
     # the embedding's shards are columns (K's side, diagonal): never gathered
     d_out = dict(in_proj=3 * WIDTH, out_proj=WIDTH, linear1=12, linear2=WIDTH, head=VOCAB)
-    if name == "dense":
+    if CONFIGS[name]["hp"].get("structures") is None:  # dense C
         expected = [n for n in ref["layers"] if n != "emb"]
     else:  # block2diagonal C
         expected = [n for n in ref["layers"] if -(-d_out[n.split(".")[-1]] // world) % 2]
