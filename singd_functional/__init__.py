@@ -14,6 +14,7 @@ vmapped sweeps (``sweep.py``).
 """
 
 from . import _attention, _embedding, structures  # noqa: F401 (registers their kinds)
+from ._official_compat import from_official_state_dict
 from ._pytree import PYTREE_NAMESPACE
 from .capture import LayerCapture, make_capture
 from .combine import (
@@ -57,6 +58,7 @@ __all__ = [
     "Factors",
     "singd",
     "SINGD",
+    "from_official_state_dict",
     "HyperParams",
     "SINGDState",
     "GradientTransformation",

@@ -41,6 +41,8 @@ def scales(optimizer, statistics_due: bool) -> tuple[float | Tensor, float | Ten
         return s, s if statistics_due else None
     scale = getattr(optimizer, "grad_scale", None)
     if scale is not None:  # GradScaler did not unscale: both carry its scale
+        if statistics_due:
+            optimizer._check_first_grad_scale(scale)  # reads the scale at step 0 only
         return scale, scale if statistics_due else None
     # scaler.unscale_(opt) divided p.grad in place; dL/dz still carries the scale
     if statistics_due and explicit is None:

@@ -17,6 +17,7 @@ from torch import Tensor
 from . import _options, _recording
 from . import structures as _structures
 from ._groups import locked
+from ._official_compat import from_official_state_dict, is_official_state_dict
 
 
 def pack(optimizer, packed: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +38,11 @@ def load(optimizer, state_dict: dict[str, Any]) -> None:
 
     All or nothing: everything is read and checked against this optimizer's parameters,
     layers and structures first; a refused state dict leaves the optimizer as it was.
+    A state dict of the official package's SINGD is converted first
+    (:func:`~singd_functional.from_official_state_dict`).
     """
+    if is_official_state_dict(state_dict):
+        state_dict = from_official_state_dict(state_dict, optimizer)
     state_dict = dict(state_dict)
     for pre_hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
         result = pre_hook(optimizer, state_dict)

@@ -87,6 +87,14 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
     for entry, what in (("structures", "structure name"), ("preconditioner_dtype", "dtype")):
         group[entry] = _options.pair(group[entry], entry, what)
     _options.check_group(f"param group {index}", group, host_tensors=True)
+    if group["kfac_like"] and group["alpha1"] != 0:  # as the official package
+        warnings.warn(
+            f"param group {index}: kfac_like=True (IKFAC) keeps no Riemannian momenta, so "
+            f"alpha1={group['alpha1']} is ignored and set to 0; pass alpha1=0 with "
+            "kfac_like=True to silence this",
+            stacklevel=5,  # the SINGD(...) call
+        )
+        group["alpha1"] = 0.0
     model = optimizer.model
     names = {id(p): k for k, p in model.named_parameters()}
     owner = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}

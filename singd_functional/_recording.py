@@ -22,7 +22,7 @@ from ._groups import Layer, all_layers, follow_params
 from ._options import check_T
 from .capture import LayerCapture
 from .layers import layer_kind
-from .statistics import LayerStatistics, layer_statistics
+from .statistics import LayerStatistics, accumulate, layer_statistics
 
 
 class Part(NamedTuple):
@@ -159,6 +159,12 @@ def _part(optimizer, layer: Layer, calls: list[tuple[Tensor, Tensor]]) -> Part:
     )
     rows, terms = _distributed.counts(info, capture, group["kfac_approx"], group["loss_average"])
     return Part(stats, rows, terms)
+
+
+def combine(parts: list[Part], loss_average) -> LayerStatistics:
+    """One layer's statistics of the backward passes ``parts`` (gradient accumulation):
+    what ``step`` uses and what ``opt.H_Ks`` / ``opt.H_Cs`` show before it."""
+    return accumulate([p.stats for p in parts], loss_average)
 
 
 def has_parts(optimizer) -> bool:

@@ -34,7 +34,7 @@ from ._groups import (
 )
 from .factors import Factors
 from .precondition import outer_products
-from .statistics import LayerStatistics, accumulate
+from .statistics import LayerStatistics
 from .transform import HyperParams, SINGDState
 
 
@@ -94,7 +94,7 @@ def _statistics(optimizer, statistics_scale) -> dict[int, dict[str, LayerStatist
             layer_parts = parts.get(layer.name)
             stats = None
             if layer_parts and grp.weight(layer).grad is not None:
-                stats = accumulate([p.stats for p in layer_parts], group["loss_average"])
+                stats = _recording.combine(layer_parts, group["loss_average"])
                 if ratio is not None:  # H_C was divided by the expected scale squared
                     stats = LayerStatistics(stats.H_K, stats.H_C * ratio)
             local = _distributed.LocalStatistics(

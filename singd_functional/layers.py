@@ -352,6 +352,12 @@ def kind_of_module(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def layer_types() -> tuple[type, ...]:
+    """The module types registered with a kind (their subclasses are layers too), i.e.
+    what ``isinstance(module, layer_types())`` needs, for the official ``SUPPORTED_MODULES``."""
+    return tuple(t for t, kind in _BY_TYPE.items() if kind is not None and kind is not OPAQUE)
+
+
 def layer_kind(info: LayerInfo | str) -> LayerKind:
     """The :class:`LayerKind` of a layer (or of a kind name)."""
     name = info if isinstance(info, str) else info.kind

@@ -34,12 +34,13 @@ from ._groups import (
     not_preconditioned,
     remove_hooks,
 )
+from ._official_compat import OfficialNames
 from .layers import LayerInfo, describe, summary
 
 _log = logging.getLogger("singd_functional")
 
 
-class SINGD(torch.optim.Optimizer):
+class SINGD(OfficialNames, torch.optim.Optimizer):
     r"""SINGD / IKFAC (Lin et al., ICML 2024) as a ``torch.optim.Optimizer``.
 
     Same constructor and numbers as the official package's ``singd.optim.optimizer.SINGD``
@@ -251,6 +252,7 @@ class SINGD(torch.optim.Optimizer):
         Also for a loss you scale yourself (gradients and statistics are then divided
         by it). Not needed with a plain ``scaler.step(opt)``. It holds for one step.
         """
+        self._check_first_grad_scale(grad_scale)
         self._explicit_grad_scale = grad_scale
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -73,6 +73,15 @@ class StructuredMatrix:
     def leaves(self) -> tuple[Tensor, ...]:
         return tuple(getattr(self, f) for f in self._fields)
 
+    def named_tensors(self):
+        """Iterator of (field name, stored tensor), as the official package's matrices have."""
+        return iter(tuple(zip(self._fields, self.leaves)))
+
+    @property
+    def shape(self) -> torch.Size:
+        """(d, d), as the official package's matrices have."""
+        return torch.Size((self.dim, self.dim))
+
     @property
     def dim(self) -> int:
         """The side d of the d x d matrix."""
