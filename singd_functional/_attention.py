@@ -13,19 +13,19 @@ docs/algorithm.md#layers-and-the-matrix-view):
 
 * ``attn.in_proj``: ``[q; k; v] = W_in x + b_in`` as ONE ``Linear(E, 3E)`` (weight
   ``in_proj_weight`` [3E, E], bias ``in_proj_bias``), applied once per distinct input:
-  self-attention (query is key is value) is one input; cross-attention with key is
-  value is two (the query feeds rows [0, E), the key/value rows [E, 3E)); three
-  different tensors are three. The layer is tapped once per module call with the
-  distinct inputs concatenated along the positions and their outputs padded with
-  zeros to all 3E columns; so each input's output gradient has the 3E columns, zero
-  where that input does not feed, and the statistics pool the inputs' positions,
-  exactly as for a ``Linear(E, 3E)`` called once per input with its unused output
-  columns dropped (the oracle in tests/test_layers_attention.py). Only the rows each
-  input feeds are computed; the padding and concatenation cost one copy of the
-  projections on statistics steps of cross-attention (measured: cross-attention
-  forward + backward 0.99x PyTorch's ``nn.MultiheadAttention`` with the taps, 0.85x
-  without; self-attention 0.92x / 0.84x; E=64, 4 heads, N=32, L=64, one thread, a
-  loaded machine, median of 25 interleaved runs).
+  self-attention (query is key is value, or views of the same elements) is one input;
+  cross-attention with key is value is two (the query feeds rows [0, E), the key/value
+  rows [E, 3E)); three different tensors are three. The layer is tapped once per module
+  call with the distinct inputs concatenated along the positions and their outputs
+  padded with zeros to all 3E columns; so each input's output gradient has the 3E
+  columns, zero where that input does not feed, and the statistics pool the inputs'
+  positions, exactly as for a ``Linear(E, 3E)`` called once per input with its unused
+  output columns dropped (the oracle in tests/test_layers_attention.py). Only the rows
+  each input feeds are computed; the padding and concatenation cost one copy of the
+  projections on statistics steps of cross-attention (measured: cross-attention forward
+  + backward 0.99x PyTorch's ``nn.MultiheadAttention`` with the taps, 0.85x without;
+  self-attention 0.92x / 0.84x; E=64, 4 heads, N=32, L=64, one thread, a loaded machine,
+  median of 25 interleaved runs).
 * ``attn.q_proj``, ``attn.k_proj``, ``attn.v_proj`` instead when the projections are
   separate (``kdim``/``vdim`` differ from ``embed_dim``): one ``Linear`` each with its
   own input. Their biases are slices of one tensor, ``in_proj_bias``; a Kronecker layer
@@ -207,6 +207,11 @@ def attention_forward(
     def tapped(slot: str) -> Tap | None:
         return None if tap is None or (slots is not None and slot not in slots) else tap
 
+    # the same elements passed as two tensors count as one input (fully_shard on the
+    # attention module hands it each argument through an autograd function, one alias each)
+    key = query if _same_elements(key, query) else key
+    value = key if _same_elements(value, key) else (
+        query if _same_elements(value, query) else value)
     batched = query.dim() == 3
     E, H = mha.embed_dim, mha.num_heads
     hd = E // H
@@ -290,6 +295,20 @@ def attention_forward(
     if not mha.batch_first:
         out = out.transpose(0, 1)
     return out, weights
+
+
+def _same_elements(a: Tensor, b: Tensor) -> bool:
+    """``a is b``, or a view of the very same elements (same storage, offset, strides)."""
+    if a is b:
+        return True
+    if torch.compiler.is_compiling() or a.device.type == "meta" or a.shape != b.shape:
+        return False  # (traced: tensors passed as one are one; no storage to compare)
+    try:
+        return (a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device
+                and a.storage_offset() == b.storage_offset()
+                and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+    except NotImplementedError:  # torch.func's wrapped tensors have no storage to compare
+        return False
 
 
 def _same_map(fn: Callable[[Tensor], Tensor], query: Tensor, key: Tensor, value: Tensor):

@@ -24,6 +24,15 @@ arrowhead) mixes rows across shards: each process applies K K^T to its own rows 
 applies C C^T to the whole and keeps its rows of D. With ``T > 1`` the K K^T and C C^T
 cached between factor updates are used (and sliced for the row-local case).
 
+A kind that stores W^T (nn.Embedding's table [V, d]: dim 0 is the vocabulary, K's
+side) has its shards on the columns of G instead. Its K is diagonal (forced by the
+kind; any K with no entry outside the shards' diagonal blocks would do), so the columns
+r0:r1 of D are C C^T G[:, r0:r1] K_b K_b^T with K_b = K[r0:r1, r0:r1], for every C: no
+communication. Its statistics (token counts over the whole vocabulary, H_C from the
+output gradients) are the local batch's and travel with the others; K stays whole (V
+numbers). ``check_shardable`` refuses, in ``SINGD()``, such a layer with a bias (sharded
+on the other side) or with a K that mixes the shards, and any other weight layout.
+
 All arithmetic is the pure core's: the factor update is :func:`transform.singd` over the
 reduced statistics, D is :func:`precondition.natural_gradient`, and the heavy-ball step
 on the local rows is the same transform's identity path fed with the local rows of D.
@@ -211,6 +220,9 @@ def sharded_update(
     gather: dict[str, tuple[LayerInfo, RowShard, Tensor]] = {}
     for info in layers:
         shard = row_shard(params[info.weight])
+        if shard.group is not None and stored_columns(info, params[info.weight]):
+            directions.update(_column_shard(info, shard, grads, factor_state, local_params))
+            continue
         rows = dataclasses.replace(info, d_out=shard.stop - shard.start)  # the local rows
         G = layer_gradient_matrix(rows, {k: local(grads[k]) for k in info.params})
         factors = factor_state.factors[info.name]
@@ -250,22 +262,58 @@ def sharded_update(
     return updates, new_state
 
 
-def check_row_major(info: LayerInfo, params: Mapping[str, Tensor]) -> None:
-    """Refuse a sharded layer whose weight rows are not the rows of its matrix G (SINGD()).
+def stored_columns(info: LayerInfo, weight: Tensor) -> bool:
+    """Whether the kind stores the weight as W^T: its dim 0 is the input columns of G.
 
-    FSDP2 shards the weight's dim 0; that is G's rows only for kinds that view the
-    weight as ``W.reshape(d_out, d_in)`` (Linear, Conv1d, Conv2d and their subclasses).
+    Read from the kind's ``weight_matrix`` applied to a 'meta' tensor of the weight's
+    shape (no data): a [d_in, d_out] weight whose matrix view is the transposed view
+    (strides (1, d_out)) is W^T (nn.Embedding's table [V, d], GPT-2's Conv1D).
     """
-    kind = layer_kind(info)
-    if not is_sharded(params[info.weight]):
+    return _stored_columns(info, tuple(weight.shape))
+
+
+@functools.cache
+def _stored_columns(info: LayerInfo, shape: tuple[int, ...]) -> bool:
+    if layer_kind(info).weight_matrix is _ROW_MAJOR or shape != (info.d_in, info.d_out):
+        return False
+    M = layer_kind(info).weight_matrix(info, torch.empty(shape, device="meta"))
+    return tuple(M.shape) == (info.d_out, info.d_in) and M.stride() == (1, info.d_out)
+
+
+def check_shardable(info: LayerInfo, params: Mapping[str, Tensor], K: StructuredMatrix
+                    ) -> None:
+    """Refuse a sharded layer SINGD cannot precondition on its shards (in SINGD()).
+
+    FSDP2 shards the weight's dim 0. That is G's rows for kinds that view the weight as
+    ``W.reshape(d_out, d_in)`` (Linear, Conv1d, Conv2d, the attention projections). For a
+    kind that stores W^T (:func:`stored_columns`) it is G's columns, K's side: D's
+    columns of a shard are local when K has no entry outside the shard's diagonal block
+    (diagonal, or block-diagonal aligned with the shards; nn.Embedding forces diagonal)
+    and the layer has no bias (a bias would be sharded on the other side).
+    """
+    W = params[info.weight]
+    if not is_sharded(W):
         return
-    if kind.weight_matrix is not _ROW_MAJOR or params[info.weight].shape[0] != info.d_out:
+    kind = layer_kind(info)
+    if kind.weight_matrix is _ROW_MAJOR and W.shape[0] == info.d_out:
+        return
+    what = (f"layer {info.name!r} (kind {kind.name!r}) is sharded by fully_shard, but its "
+            "weight's dim 0 is not the output rows of its matrix")
+    fix = ("keep that module out of fully_shard (fully_shard the blocks around it, or pass "
+           "it in ignored_params), or drop it from SINGD's params")
+    if not stored_columns(info, W):
+        raise NotImplementedError(f"{what}, so SINGD cannot precondition it on row shards; {fix}")
+    shard = row_shard(W)
+    why = [] if info.bias is None else ["a bias (sharded on the other side)"]
+    if not _row_local(K.name, K.dim, shard.chunk, shard.shards):
+        why.append(f"K {K.name!r}, which mixes the shards")
+    if why:
         raise NotImplementedError(
-            f"layer {info.name!r} (kind {kind.name!r}) is sharded by fully_shard, but its "
-            "weight's dim 0 is not the output rows of its matrix, so SINGD cannot "
-            "precondition it on row shards; keep that module out of fully_shard "
-            "(e.g. fully_shard the blocks around it with ignored_params), or drop it "
-            "from SINGD's params"
+            f"{what} but its input columns (K's side, d_K = {K.dim}); SINGD preconditions "
+            "such a layer on its shards only without a bias and with a K that does not mix "
+            "the shards (diagonal, or block-diagonal with blocks dividing the shard length "
+            f"{shard.chunk}); this one has {' and '.join(why)}. Use structures=('diagonal', "
+            f"...) for it (a param group of its own) and no bias, or {fix}"
         )
 
 
@@ -300,6 +348,23 @@ def _gather_rows(pending: list[tuple[str, Tensor, RowShard]], d_out: Mapping[str
             offset += size
             out[name] = torch.cat(blocks)[: d_out[name]].to(G.dtype)
     return out
+
+
+def _column_shard(info: LayerInfo, shard: RowShard, grads, factor_state: SINGDState,
+                  local_params) -> dict[str, Tensor]:
+    """D's columns r0:r1 of a layer whose shards hold columns of G (W^T stored).
+
+    With K block-local there (checked in SINGD()), D[:, r0:r1] = C C^T G[:, r0:r1]
+    K_b K_b^T for the block K_b = K[r0:r1, r0:r1], whatever C is: no communication.
+    """
+    cols = dataclasses.replace(info, d_in=shard.stop - shard.start)  # the local columns
+    G = layer_gradient_matrix(cols, {info.weight: local(grads[info.weight])})
+    K, C = factor_state.factors[info.name]
+    cached = dict(factor_state.products.get(info.name, {}))
+    if "K" in cached:
+        cached["K"] = cast(StructuredMatrix, row_block(cached["K"], shard.start, shard.stop))
+    K_block = cast(StructuredMatrix, row_block(K, shard.start, shard.stop))
+    return split_layer_update(cols, natural_gradient(K_block, C, G, cached), local_params)
 
 
 def _into(old: Tensor, rows: Tensor) -> Tensor:

@@ -140,7 +140,10 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
         hook = optimizer._kind_hooks.get(id(layer.module))
         if hook is None:
             hook = optimizer._kind_hooks[id(layer.module)] = KindHook(optimizer, layer.module)
-            layer.handle = layer.module.register_forward_hook(hook, with_kwargs=True)
+            # prepend: before fully_shard's post-forward hook, which reshards the module's
+            # parameters and hooks its backward on the output this hook replaces
+            layer.handle = layer.module.register_forward_hook(hook, with_kwargs=True,
+                                                              prepend=True)
         hook.add(layer)
     return Group(index, layers, params, locked(group), bool(state.momenta))
 

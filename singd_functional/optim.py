@@ -206,7 +206,8 @@ class SINGD(OfficialNames, torch.optim.Optimizer):
                 "drop split_work"
             )
         for layer in all_layers(self._groups):
-            _fsdp.check_row_major(layer.info, self._groups[layer.group].params)
+            params = self._groups[layer.group].params
+            _fsdp.check_shardable(layer.info, params, self.state[params[layer.info.weight]]["K"])
         plain = not_preconditioned(self)
         if explicit and plain and warn_unsupported:
             warnings.warn(

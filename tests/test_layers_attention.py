@@ -537,3 +537,26 @@ def test_transformer_decoder_compiled_fullgraph_equals_eager():
     for info in layers:
         assert not torch.equal(s_c.factors[info.name].K.to_dense(),
                                torch.eye(info.d_K, dtype=torch.float64)), info.name
+
+
+def test_views_of_one_input_are_one_input():
+    """``mha(x, x.view_as(x), x)`` (how fully_shard hands a module its inputs: one alias
+    per argument) is self-attention: one tapped in_proj call, as ``mha(x, x, x)``."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 2, batch_first=True).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    calls = []
+
+    def tap(slot, a, z):
+        calls.append((slot, tuple(a.shape)))
+        return z
+
+    one, two = [(2, 3, 4)], [(2, 6, 4)]  # one input; query and key/value concatenated
+    for args, expected in (((x, x, x), one), ((x, x.view_as(x), x[:, :]), one),
+                           ((x, x.clone(), x), [(2, 9, 4)]), ((x, x[:, :2], x[:, :2]), [(2, 5, 4)]),
+                           ((x, x.clone(), None), two)):
+        key, value = args[1], args[2] if args[2] is not None else args[1]
+        calls.clear()
+        out, _ = attention_forward(mha, args[0], key, value, need_weights=False, tap=tap)
+        assert [shape for slot, shape in calls if slot == "in_proj"] == expected
+        assert torch.allclose(out, mha(args[0], key, value, need_weights=False)[0], atol=1e-14)
