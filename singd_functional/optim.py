@@ -206,8 +206,8 @@ class SINGD(OfficialNames, torch.optim.Optimizer):
                 "drop split_work"
             )
         for layer in all_layers(self._groups):
-            params = self._groups[layer.group].params
-            _fsdp.check_shardable(layer.info, params, self.state[params[layer.info.weight]]["K"])
+            named = self._groups[layer.group].params  # not `params`: the argument above
+            _fsdp.check_shardable(layer.info, named, self.state[named[layer.info.weight]]["K"])
         plain = not_preconditioned(self)
         if explicit and plain and warn_unsupported:
             warnings.warn(
