@@ -8,12 +8,13 @@ The data path, one module per stage::
     factors.py      update_factors(...)           K, C, m_K, m_C
     precondition.py natural_gradient(...)         C C^T G K K^T
     transform.py    singd(...) -> (init, update)  the pure core
+    guard.py        skip_nonfinite(tx)            a non-finite step changes nothing
 
 Faces over that core: :class:`SINGD` (``optim.py``, a torch.optim.Optimizer) and the
 vmapped sweeps (``sweep.py``).
 """
 
-from . import structures
+from . import guard, structures
 from .capture import LayerCapture, make_capture
 from .combine import (
     GradientTransformation,
@@ -25,6 +26,7 @@ from .combine import (
 )
 from .factors import Factors
 from .fallbacks import adamw, sgd
+from .guard import SkipNonfiniteState, skip_nonfinite
 from .layers import LayerInfo, find_layers
 from .optim import SINGD
 from .statistics import LayerStatistics
@@ -35,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "structures",
+    "guard",
     "find_layers",
     "LayerInfo",
     "make_capture",
@@ -42,6 +45,8 @@ __all__ = [
     "LayerStatistics",
     "Factors",
     "singd",
+    "skip_nonfinite",
+    "SkipNonfiniteState",
     "SINGD",
     "HyperParams",
     "SINGDState",

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .capture import LayerCapture
 from .layers import LayerInfo
-from .statistics import LayerStatistics, loss_scale
+from .statistics import LayerStatistics, part_counts
 
 WORLD = "world"  # sentinel: the default process group, when one is initialised
 
@@ -56,16 +56,8 @@ class LocalStatistics(NamedTuple):
 
 
 def counts(info: LayerInfo, capture: LayerCapture, kfac_approx: str, loss_average):
-    """(R, c): a-rows and loss terms of one backward pass, from the tensor shapes only.
-
-    N and S are those of ``statistics.layer_rows`` (batch size, weight-sharing positions
-    summed over the calls), read off the output gradients without building any row.
-    """
-    x = capture.inputs[0]
-    N = 1 if info.kind == "linear" and x.dim() == 1 else x.shape[0]
-    S = sum(g.numel() // (N * info.d_out) for g in capture.output_grads)
-    rows = N * S if kfac_approx == "expand" else N
-    return float(rows), loss_scale(loss_average, N, S)
+    """(R, c): a-rows and loss terms of one backward pass (``statistics.part_counts``)."""
+    return part_counts(info, capture, kfac_approx, loss_average)
 
 
 def resolve_group(process_group: Any):

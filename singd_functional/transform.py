@@ -24,7 +24,7 @@ from .precondition import (
     outer_products,
     split_layer_update,
 )
-from .statistics import KFAC_APPROXES, LOSS_AVERAGES, LayerStatistics, layer_statistics
+from .statistics import KFAC_APPROXES, LOSS_AVERAGES, LayerStatistics, layer_part
 from .structures import StructuredMatrix
 
 Number = float | Tensor
@@ -252,8 +252,8 @@ def singd(
                 "`[l for l in layers if l.name != ...]`) or pass captures=None to skip "
                 "the factor update this step"
             )
-        return {
-            info.name: layer_statistics(
+        parts = {
+            info.name: layer_part(
                 info,
                 *state.factors[info.name],
                 captures[info.name],
@@ -263,6 +263,8 @@ def singd(
             )
             for info in layers
         }
+        # an empty batch has no statistics: those layers keep their factors this step
+        return {name: part.stats for name, part in parts.items() if part.rows}
 
     def _check_shapes(grads, state, params):
         for k, v in state.velocity.items():

@@ -1,0 +1,130 @@
+"""A guard over any transform: a step whose numbers are not finite changes nothing.
+
+:func:`skip_nonfinite` wraps a :class:`~singd_functional.GradientTransformation`. It
+runs the wrapped update, then looks at what that update produced: the updates and
+every state leaf the update changed. For SINGD those carry every input that matters,
+since NaN and inf propagate through each stage: a non-finite gradient reaches the
+heavy-ball buffer and the updates, a non-finite Kronecker statistic (a NaN in one
+input row, an activation of 1e25 whose square overflows float32) reaches K and C.
+If any of them is not finite, the old state is kept and the updates are zero.
+
+Everything is decided on the device: one fused finiteness check (``_foreach_norm``
+with ord=inf, exact in every dtype because a maximum cannot overflow), and
+``torch.where`` per changed leaf, which selects exactly (no ``0 * NaN``). Nothing is
+read back to the host, so a GPU step does not stall, and ``vmap`` / ``torch.compile``
+see plain tensor ops. Leaves the wrapped update returned unchanged (the same tensor
+object: K and C on a step without statistics) are neither checked nor selected.
+
+The step counter of the wrapped state is a changed leaf like the others, so a skipped
+step does not advance it (the transform behaves as if the step never happened). The
+guard's own state counts the skips.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+
+from .combine import GradientTransformation
+
+
+class SkipNonfiniteState(NamedTuple):
+    """State of :func:`skip_nonfinite`.
+
+    Attributes:
+        inner: the wrapped transform's state.
+        skipped: 0-d bool tensor, True when the last update was skipped.
+        skipped_steps: 0-d int64 tensor, how many updates were skipped so far.
+    """
+
+    inner: Any
+    skipped: Tensor
+    skipped_steps: Tensor
+
+
+def all_finite(tensors: Iterable[Tensor], device: torch.device | None = None) -> Tensor:
+    """0-d bool tensor: every entry of every tensor is finite (no host synchronisation).
+
+    One ``_foreach_norm(ord=inf)`` per dtype: the largest absolute entry of each tensor
+    is NaN or inf exactly when the tensor has a NaN or an inf, in any float dtype.
+    Integer and empty tensors are finite.
+    """
+    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point() and t.numel():
+            by_kind.setdefault((t.dtype, t.device), []).append(t)
+    flags = []
+    for ts in by_kind.values():
+        norms = torch._foreach_norm(ts, math.inf)
+        flags.append(torch.stack(norms).isfinite().all() if len(norms) > 1 else norms[0].isfinite())
+    if not flags:
+        return torch.ones((), dtype=torch.bool, device=device)
+    target = device if device is not None else flags[0].device
+    ok = flags[0].to(target, non_blocking=True)
+    for f in flags[1:]:
+        ok = ok & f.to(target, non_blocking=True)
+    return ok
+
+
+def changed_leaves(new: Any, old: Any) -> list[tuple[Tensor, Tensor]]:
+    """``(new, old)`` leaf pairs of two same-shaped pytrees that are not the same object."""
+    new_leaves, old_leaves = optree.tree_leaves(new), optree.tree_leaves(old)
+    return [
+        (n, o) for n, o in zip(new_leaves, old_leaves)
+        if isinstance(n, Tensor) and n is not o
+    ]
+
+
+def select(ok: Tensor, new: Any, old: Any) -> Any:
+    """Leaf by leaf ``new`` where ``ok`` (0-d bool) else ``old``; shared leaves pass as they are."""
+
+    def pick(n, o):
+        if n is o or not isinstance(n, Tensor):
+            return n
+        return torch.where(ok, n, o)
+
+    return optree.tree_map(pick, new, old)
+
+
+def skip_nonfinite(tx: GradientTransformation) -> GradientTransformation:
+    """Wrap ``tx`` so that an update with a non-finite result changes nothing.
+
+    ``update(updates, state, params, **extra)`` runs ``tx.update`` with the same
+    arguments. When its updates or the state leaves it changed hold a NaN or an inf,
+    the returned updates are zeros and the inner state is the old one (counter
+    included); ``state.skipped`` says so and ``state.skipped_steps`` counts it.
+    Decided on the device (module docstring), so no step waits for the host.
+    """
+
+    def init(params):
+        inner = tx.init(params)
+        leaves = [t for t in optree.tree_leaves(params) if isinstance(t, Tensor)]
+        device = leaves[0].device if leaves else None
+        return SkipNonfiniteState(
+            inner,
+            torch.zeros((), dtype=torch.bool, device=device),
+            torch.zeros((), dtype=torch.int64, device=device),
+        )
+
+    def update(updates, state: SkipNonfiniteState, params=None, **extra):
+        new_updates, new_inner = tx.update(updates, state.inner, params, **extra)
+        changed = changed_leaves(new_inner, state.inner)
+        ok = all_finite(
+            [*optree.tree_leaves(new_updates), *(n for n, _ in changed)],
+            device=state.skipped.device,
+        )
+        safe_updates = optree.tree_map(
+            lambda u: torch.where(ok, u, torch.zeros((), dtype=u.dtype, device=u.device)),
+            new_updates,
+        )
+        skipped = ~ok
+        return safe_updates, SkipNonfiniteState(
+            select(ok, new_inner, state.inner), skipped, state.skipped_steps + skipped
+        )
+
+    return GradientTransformation(init, update)
