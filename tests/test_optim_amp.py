@@ -27,6 +27,7 @@ def _scaled_run(kind, batches, clip=None, init_grad_scale=1.0, **hp):
         if clip is not None:
             scaler.unscale_(opt)
             norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
+            opt.set_current_grad_scale(scaler.get_scale())
         scaler.step(opt)
         scaler.update()
         scales.append(scaler.get_scale())
@@ -159,6 +160,7 @@ def test_cuda_model_moved_after_construction_with_grad_scaler():
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.set_current_grad_scale(scaler.get_scale())
             scaler.step(opt)
             scaler.update()
         return {k: v.detach().cpu().double() for k, v in model.named_parameters()}, opt
@@ -167,3 +169,29 @@ def test_cuda_model_moved_after_construction_with_grad_scaler():
     ref, _ = run("cpu", scaled=False)
     assert_same(got, ref, tol=1e-4)
     assert opt.state[next(iter(opt.model.parameters()))]["K"].device.type == "cuda"
+
+
+def test_unscale_without_the_scale_raises_naming_the_line_and_changes_nothing():
+    """After scaler.unscale_(opt) the scale of dL/dz is unknown: a clear error, nothing moved."""
+    model = make_model("mlp")
+    opt = sf.SINGD(model, **BASE)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = make_batch("mlp", 0)
+    opt.zero_grad()
+    scaler.scale(make_loss("batch")(model(x), y)).backward()
+    scaler.unscale_(opt)
+    before_params = copy.deepcopy(model.state_dict())
+    before_state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(RuntimeError, match=r"opt\.set_current_grad_scale\(scaler\.get_scale\(\)\)"):
+        scaler.step(opt)
+    _assert_equal(model.state_dict(), before_params)
+    _assert_equal(opt.state_dict(), before_state)
+    scaler.update()
+    # the optimizer still works: the next iteration with the line goes through
+    opt.zero_grad()
+    scaler.scale(make_loss("batch")(model(x), y)).backward()
+    scaler.unscale_(opt)
+    opt.set_current_grad_scale(scaler.get_scale())
+    scaler.step(opt)
+    assert opt.param_groups[0]["step"] == 1
+    assert_moved("mlp", dict(model.named_parameters()))

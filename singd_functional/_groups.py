@@ -1,0 +1,219 @@
+"""The drop-in face's group/layer mapping: one :class:`Group` per param group, one
+:class:`Layer` per preconditioned layer (private; used by :class:`~singd_functional.SINGD`).
+
+These records are the single source of truth for which layer belongs to which param
+group, which parameters it has, and what its hooks have recorded; the per-parameter
+numbers (K, C, m_K, m_C, momentum buffers) live in ``optimizer.state`` as for every
+``torch.optim.Optimizer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+from torch import Tensor, nn
+
+from .combine import GradientTransformation
+from .factors import Factors
+from .layers import SUPPORTED, LayerInfo, describe
+from .transform import singd
+
+# Group entries fixed when the group's state is created (its layout depends on them).
+LOCKED = ("structures", "kfac_like")
+# Group entries the pure transform is built from (rebuilt when one changes).
+STATIC = ("structures", "kfac_approx", "loss_average", "kfac_like", "normalize_lr_cov",
+          "preconditioner_dtype", "T")
+
+
+@dataclasses.dataclass(eq=False)
+class Layer:
+    """One preconditioned layer: what it is, where it sits, what its hooks recorded."""
+
+    info: LayerInfo
+    module: nn.Module
+    group: int  # index in ``param_groups``
+    handle: Any = None  # its forward hook
+    # (x, dL/dz) per call reached by the backward pass that is running
+    reached: list = dataclasses.field(default_factory=list)
+    # one _recording.Part per backward pass finished since the last step / zero_grad
+    parts: list = dataclasses.field(default_factory=list)
+    # K K^T and C C^T between factor updates (T > 1); derived from K and C, so not
+    # checkpointed (recomputed, bit-identically, after a load)
+    products: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+@dataclasses.dataclass(eq=False)
+class Group:
+    """What the optimizer derived from one param group (same index as ``param_groups``)."""
+
+    index: int
+    layers: tuple[Layer, ...]
+    params: dict[str, Tensor]  # key (the name in model.named_parameters()) -> parameter
+    locked: tuple
+    keeps_momenta: bool
+    transforms: dict = dataclasses.field(default_factory=dict)
+
+    def weight(self, layer: Layer) -> Tensor:
+        return self.params[layer.info.weight]
+
+
+def all_layers(groups: list[Group]):
+    for grp in groups:
+        yield from grp.layers
+
+
+def remove_hooks(groups: list[Group]) -> None:
+    for layer in all_layers(groups):
+        if layer.handle is not None:
+            layer.handle.remove()
+            layer.handle = None
+
+
+def locked(group: dict) -> tuple:
+    return tuple(tuple(v) if isinstance(v, list) else v for v in (group[e] for e in LOCKED))
+
+
+def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
+    """The layers of param group ``index``, their initial state and their hooks."""
+    from ._recording import CaptureHook  # the hook records into these records
+
+    T = group["T"]
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"param group {index}: T must be a positive int, got {T!r}")
+    for entry in ("structures", "preconditioner_dtype"):
+        group[entry] = tuple(group[entry]) if group[entry] is not None else (None, None)
+    model = optimizer.model
+    names = {id(p): k for k, p in model.named_parameters()}
+    owner = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    keys = {id(p): names.get(id(p), f"param_groups[{index}][{i}]")
+            for i, p in enumerate(group["params"])}
+
+    infos, modules = [], []
+    for name, mod in supported_modules(model):
+        w_group = owner.get(id(mod.weight))
+        b_group = None if mod.bias is None else owner.get(id(mod.bias))
+        if index not in (w_group, b_group):
+            continue
+        if w_group is not None and b_group is not None and w_group != b_group:
+            raise ValueError(
+                f"layer {name!r} is split across param groups (weight in group {w_group}, "
+                f"bias in group {b_group}); SINGD preconditions [W | b] jointly, so put "
+                "a layer's weight and bias in the same param group"
+            )
+        if w_group != index:
+            continue  # a bias whose weight this optimizer does not train: no layer
+        if any(l.weight == keys[id(mod.weight)] for l in infos):
+            raise ValueError(
+                f"layer {name!r}: its weight is shared with another supported layer; "
+                "SINGD needs one layer per weight (call one module several times instead)"
+            )
+        infos.append(describe(name, mod, keys))
+        modules.append(mod)
+
+    params = {keys[id(p)]: p for p in group["params"]}
+    tx = transform(group, tuple(infos), group["alpha1"])
+    state = tx.init({k: p.detach() for k, p in params.items()})
+    for k, p in params.items():
+        optimizer.state[p]["momentum_buffer"] = state.velocity[k]
+    for info in infos:
+        store_factors(optimizer.state[params[info.weight]], state.factors[info.name],
+                      state.momenta.get(info.name))
+    group.setdefault("step", 0)
+
+    layers = tuple(Layer(info, mod, index) for info, mod in zip(infos, modules))
+    for layer in layers:
+        layer.handle = layer.module.register_forward_hook(CaptureHook(optimizer, layer))
+    return Group(index, layers, params, locked(group), bool(state.momenta))
+
+
+def transform(group: dict[str, Any], layers: tuple[LayerInfo, ...], alpha1
+              ) -> GradientTransformation:
+    """The pure core for ``layers`` with the group's static entries.
+
+    The numbers are passed again at every step (HyperParams); ``alpha1`` here only
+    decides whether the transform keeps Riemannian momenta (alpha1 != 0).
+    """
+    return singd(
+        layers,
+        lr=group["lr"], momentum=group["momentum"], damping=group["damping"],
+        alpha1=alpha1, weight_decay=group["weight_decay"], lr_cov=group["lr_cov"],
+        structures=group["structures"], kfac_approx=group["kfac_approx"],
+        loss_average=group["loss_average"], kfac_like=group["kfac_like"],
+        normalize_lr_cov=group["normalize_lr_cov"],
+        preconditioner_dtype=group["preconditioner_dtype"],
+        cache_preconditioner=group["T"] > 1,
+    )
+
+
+def group_transform(grp: Group, group: dict, active: tuple[Layer, ...]) -> GradientTransformation:
+    """The (cached) pure core for the group's ``active`` layers and its static entries."""
+    key = (tuple(l.name for l in active), tuple(repr(group[e]) for e in STATIC))
+    tx = grp.transforms.get(key)
+    if tx is None:
+        alpha1 = 0.5 if grp.keeps_momenta else 0.0
+        tx = grp.transforms[key] = transform(group, tuple(l.info for l in active), alpha1)
+    return tx
+
+
+def store_factors(state: dict, factors: Factors, momenta: Factors | None) -> None:
+    state["K"], state["C"] = factors
+    if momenta is not None:
+        state["m_K"], state["m_C"] = momenta
+
+
+def follow_params(optimizer, layer: Layer) -> dict:
+    """The layer's state, re-cast if the model was moved or cast since it was made."""
+    group, grp = optimizer.param_groups[layer.group], optimizer._groups[layer.group]
+    w = grp.weight(layer)
+    if layer.module.weight is not w:
+        raise RuntimeError(
+            f"the weight of layer {layer.name!r} is no longer the parameter this optimizer "
+            "was built with (a new nn.Parameter was assigned, or the model was converted "
+            "with torch.__future__.set_overwrite_module_params_on_conversion(True)); "
+            "build the optimizer after changing the model, or change it in place "
+            "(model.to(...) with the default settings keeps the parameters)"
+        )
+    state = optimizer.state[w]
+    dtype_K, dtype_C = group["preconditioner_dtype"]
+    for key, dtype in (("K", dtype_K), ("m_K", dtype_K), ("C", dtype_C), ("m_C", dtype_C)):
+        M = state.get(key)
+        dtype = dtype or w.dtype
+        if M is not None and (M.dtype != dtype or M.device != w.device):
+            state[key] = M.to(dtype=dtype, device=w.device)
+    return state
+
+
+def supported_modules(model: nn.Module):
+    """(name, module) of every module the core supports (layers.find_layers' rule)."""
+    for name, mod in model.named_modules():
+        if type(mod) in SUPPORTED and isinstance(mod.weight, Tensor):
+            yield name, mod
+
+
+def default_parameters(model: nn.Module, warn_unsupported: bool) -> list[Tensor]:
+    """``params=None``: the trainable parameters of supported layers; warn about the rest."""
+    chosen: dict[int, Tensor] = {}
+    for _, mod in supported_modules(model):
+        if not mod.weight.requires_grad:
+            continue
+        for p in (mod.weight, mod.bias):
+            if p is not None and p.requires_grad:
+                chosen.setdefault(id(p), p)
+    left_out = [k for k, p in model.named_parameters() if p.requires_grad and id(p) not in chosen]
+    if left_out and warn_unsupported:
+        warnings.warn(
+            f"SINGD(params=None) trains only the parameters of supported layers (nn.Linear, "
+            f"nn.Conv1d, nn.Conv2d); these trainable parameters will NOT be trained: "
+            f"{', '.join(left_out)}. Pass them explicitly in `params` (they then get SINGD's "
+            "heavy-ball step without preconditioner), train them with another optimizer, or "
+            "silence this with warn_unsupported=False",
+            stacklevel=3,
+        )
+    return list(chosen.values())
+

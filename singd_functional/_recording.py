@@ -1,0 +1,144 @@
+"""The drop-in face's recording of layer inputs and output gradients (private).
+
+On steps with ``t % T == 0`` (grad enabled) a forward hook keeps each preconditioned
+layer's input x and registers a tensor hook on its output that receives dL/dz. When a
+backward pass ends, every layer it reached is reduced to one :class:`Part`
+(``statistics.layer_statistics`` and the row / loss-term counts), so accumulating k
+micro-batches holds no activations beyond the pass that is running. ``step`` takes the
+parts of all passes since the last step (``_step.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _distributed
+from ._groups import Layer, all_layers, follow_params
+from .capture import LayerCapture
+from .statistics import LayerStatistics, layer_statistics
+
+
+class Part(NamedTuple):
+    """One backward pass's contribution to one layer's statistics."""
+
+    stats: LayerStatistics
+    rows: float
+    loss_terms: Any
+
+
+class CaptureHook:
+    """Forward hook of one layer.
+
+    It holds the optimizer and its layer record weakly and only acts for that very
+    module, so a deep copy or a pickle of the model (which copy the hook) never feeds
+    statistics into the optimizer; copies are inert.
+    """
+
+    def __init__(self, optimizer, layer: Layer):
+        self.optimizer = weakref.ref(optimizer)
+        self.layer = weakref.ref(layer)
+        self.name = layer.name
+
+    def __call__(self, module, args, output):
+        opt, layer = self.optimizer(), self.layer()
+        if opt is not None and layer is not None and module is layer.module:
+            record(opt, layer, args, output)
+
+    def __getstate__(self):
+        return {"name": self.name}
+
+    def __setstate__(self, state):
+        self.name = state["name"]
+        self.optimizer = self.layer = _dead
+
+
+def _dead():
+    return None
+
+
+def record(optimizer, layer: Layer, args, output) -> None:
+    """Forward hook body: keep the input, and ask for dL/dz, when statistics are due."""
+    if not torch.is_grad_enabled() or not args or not isinstance(output, Tensor):
+        return
+    if not output.requires_grad:
+        return
+    group = optimizer.param_groups[layer.group]
+    if group["step"] % group["T"] != 0:
+        return
+    # x is held by the hook, which lives in the autograd graph: a forward pass that is
+    # never backpropagated keeps nothing alive here
+    x = args[0].detach()
+    ref = weakref.ref(optimizer)
+    output.register_hook(lambda g: _on_output_grad(ref, layer, x, g))
+
+
+def _on_output_grad(ref, layer: Layer, x: Tensor, g: Tensor) -> None:
+    optimizer = ref()
+    if optimizer is None:
+        return
+    layer.reached.append((x, g.detach()))
+    if not optimizer._backward_callback_queued:
+        optimizer._backward_callback_queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(
+            lambda: end_of_backward(optimizer)
+        )
+
+
+def end_of_backward(optimizer) -> None:
+    """Reduce each layer's calls reached by this backward pass to one part."""
+    optimizer._backward_callback_queued = False
+    with torch.no_grad(), no_autocast():
+        for layer in all_layers(optimizer._groups):
+            if layer.reached:
+                calls, layer.reached = layer.reached, []
+                layer.parts.append(_part(optimizer, layer, calls))
+
+
+def _part(optimizer, layer: Layer, calls: list[tuple[Tensor, Tensor]]) -> Part:
+    group, info = optimizer.param_groups[layer.group], layer.info
+    state = follow_params(optimizer, layer)
+    capture = LayerCapture(tuple(x for x, _ in calls), tuple(g for _, g in calls))
+    stats = layer_statistics(
+        info, state["K"], state["C"], capture, kfac_approx=group["kfac_approx"],
+        loss_average=group["loss_average"], grad_scale=optimizer._statistics_scale,
+    )
+    rows, terms = _distributed.counts(info, capture, group["kfac_approx"], group["loss_average"])
+    return Part(stats, rows, terms)
+
+
+def has_parts(optimizer) -> bool:
+    return any(layer.parts for layer in all_layers(optimizer._groups))
+
+
+def drop_parts(optimizer) -> None:
+    """Forget the statistics of finished backward passes (``zero_grad``)."""
+    for layer in all_layers(optimizer._groups):
+        layer.parts = []
+
+
+def drop(optimizer) -> None:
+    """Forget everything recorded, including a backward pass that is running."""
+    for layer in all_layers(optimizer._groups):
+        layer.parts, layer.reached = [], []
+    optimizer._backward_callback_queued = False
+
+
+def take(optimizer) -> dict[str, list[Part]]:
+    """The parts per layer name, dropping everything recorded."""
+    parts = {layer.name: layer.parts for layer in all_layers(optimizer._groups)}
+    drop(optimizer)
+    return parts
+
+
+def no_autocast() -> contextlib.ExitStack:
+    """Statistics and updates run in the factors' dtypes, whatever autocast region is open."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
