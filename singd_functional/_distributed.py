@@ -74,9 +74,12 @@ def _flat(stats: LayerStatistics) -> list[Tensor]:
 
 
 def all_reduce_statistics(
-    entries: list[tuple[LayerStatistics, LocalStatistics, Any]], group
-) -> list[LayerStatistics | None]:
+    entries: list[tuple[LayerStatistics, LocalStatistics, Any]], group,
+    nonfinite: Tensor | None = None,
+) -> list[tuple[LayerStatistics | None, Tensor | None]]:
     """Reduce every layer's statistics over ``group`` (module docstring), in one collective.
+
+    Nothing is read back to the host: the counts are divided on the device.
 
     Args:
         entries: per layer, in the same order on every process: a template (zeros of the
@@ -84,52 +87,81 @@ def all_reduce_statistics(
             statistics for the layer), its :class:`LocalStatistics`, and its
             ``loss_average``.
         group: a process group with more than one process.
+        nonfinite: optional 0-d float tensor, this process's count of non-finite
+            statistics; it rides in the same buffer and is replaced in place by the sum
+            over processes, so every process takes the same skip decision.
 
     Returns:
-        Per entry, the statistics of L_eff, or None when no process had any.
+        Per entry, ``(statistics of L_eff, present)``: ``present`` is None when this
+        process had statistics for the layer, else a 0-d bool tensor saying whether any
+        process had (when none had, the statistics are zeros and must not be used).
     """
     W = dist.get_world_size(group)
     by_device: dict[torch.device, list[int]] = {}
     for i, (template, _, _) in enumerate(entries):
         by_device.setdefault(template.H_K.device, []).append(i)
 
-    out: list[LayerStatistics | None] = [None] * len(entries)
-    for device, idx in by_device.items():
-        parts, shapes, count_parts = [], [], []
+    out: list[tuple[LayerStatistics | None, Tensor | None]] = [(None, None)] * len(entries)
+    for n_device, (device, idx) in enumerate(by_device.items()):
+        parts, shapes, counts = [], [], []
         wide = any(leaf.dtype == torch.float64 for i in idx for leaf in _flat(entries[i][0]))
         buf_dtype = torch.float64 if wide else torch.float32
         for i in idx:
             template, local, _ = entries[i]
             if local.stats is None:
                 contribution = [torch.zeros_like(t) for t in _flat(template)]
-                count_parts.append([0.0, 0.0])
+                counts += [0.0, 0.0]
             else:
                 weighted = LayerStatistics(
                     local.stats.H_K * local.rows, local.stats.H_C * (1.0 / local.loss_terms)
                 )
                 contribution = _flat(weighted)
-                count_parts.append([local.rows, float(local.loss_terms)])
+                counts += [float(local.rows), local.loss_terms]
             shapes.append([(t.shape, t.dtype) for t in contribution])
             parts += [t.reshape(-1).to(buf_dtype) for t in contribution]
-        parts.append(torch.tensor(count_parts, dtype=buf_dtype, device=device).reshape(-1))
+        parts.append(_counts_on(device, counts, buf_dtype))
+        with_flag = nonfinite is not None and n_device == 0
+        if with_flag:
+            parts.append(nonfinite.reshape(1).to(device=device, dtype=buf_dtype))
         buf = torch.cat(parts)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        if with_flag:
+            nonfinite.copy_(buf[-1])
+            buf = buf[:-1]
 
-        totals = buf[-2 * len(idx) :].reshape(-1, 2).tolist()  # the one host sync
+        totals = buf[-2 * len(idx) :].reshape(-1, 2)
         offset = 0
         for j, i in enumerate(idx):
-            template, _, loss_average = entries[i]
+            template, local, loss_average = entries[i]
             leaves = []
-            for shape, dtype in shapes[j]:
+            for shape, _ in shapes[j]:
                 n = shape.numel()
-                leaves.append(buf[offset : offset + n].reshape(shape).to(dtype))
+                leaves.append(buf[offset : offset + n].reshape(shape))
                 offset += n
-            rows, loss_terms = totals[j]
-            if rows == 0:
-                continue
+            rows, loss_terms = totals[j, 0], totals[j, 1]
             n_K = len(template.H_K.leaves)
-            H_K = type(template.H_K)(*leaves[:n_K]) * (1.0 / rows)
+            H_K = type(template.H_K)(*leaves[:n_K]).scale(1.0 / rows.clamp(min=1.0))
             c = 1.0 if loss_average is None else loss_terms
-            H_C = type(template.H_C)(*leaves[n_K:]) * (c / W**2)
-            out[i] = LayerStatistics(H_K, H_C)
+            H_C = type(template.H_C)(*leaves[n_K:]).scale(c / W**2)
+            stats = LayerStatistics(H_K.to(dtype=template.H_K.dtype),
+                                    H_C.to(dtype=template.H_C.dtype))
+            out[i] = (stats, None if local.stats is not None else rows > 0)
+    return out
+
+
+def _counts_on(device: torch.device, counts: list, dtype: torch.dtype) -> Tensor:
+    """The row / loss-term counts as one tensor on ``device``, without a blocking copy.
+
+    Host numbers travel in one (pinned, on a GPU) non-blocking copy; counts that are
+    tensors already (a tensor ``loss_average``) are put in place on the device.
+    """
+    host = torch.tensor([0.0 if isinstance(c, Tensor) else c for c in counts], dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    out = host.to(device, non_blocking=True)
+    on_device = [(k, c) for k, c in enumerate(counts) if isinstance(c, Tensor)]
+    if on_device:
+        where = torch.tensor([k for k, _ in on_device]).to(device, non_blocking=True)
+        values = torch.stack([c.to(device=device, dtype=dtype).reshape(()) for _, c in on_device])
+        out = out.index_put((where,), values)
     return out

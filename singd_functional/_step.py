@@ -9,9 +9,12 @@ from the group's static entries and cached) is called with the group's numbers o
 
 from __future__ import annotations
 
-import torch
+from typing import NamedTuple
 
-from . import _amp, _distributed, _recording
+import torch
+from torch import Tensor
+
+from . import _amp, _distributed, _recording, guard
 from ._groups import (
     LOCKED,
     Group,
@@ -29,52 +32,113 @@ from .transform import HyperParams, SINGDState
 
 
 def step(optimizer) -> None:
-    """One SINGD step over every param group (the body of ``SINGD.step``)."""
-    if _amp.skipped(optimizer):
-        _recording.drop(optimizer)  # GradScaler skips this step; so do the statistics
-        optimizer._explicit_grad_scale = None
-        return
+    """One SINGD step over every param group (the body of ``SINGD.step``).
+
+    A step whose gradients or statistics are not finite changes nothing (``guard``):
+    decided on the device, once for all groups and, under DDP, identically on every
+    process. ``group["step"]`` counts the call all the same (it schedules T and
+    ``lr_cov(t)`` and lives on the host, which cannot know the verdict without waiting).
+
+    Groups without statistics this step: the verdict is known before their update, so
+    it enters as numbers: gradients zeroed (``guard.zero_where_not``), lr and weight
+    decay times ok, momentum 1 where not ok; then v <- 1 v + 0 and the update -0 v
+    leave everything as it was, at the cost of one check and two cheap passes over the
+    gradients. Groups with statistics update first, as usual; the verdict then also
+    takes their new factors, momenta and buffers (a bad statistic or an overflowing
+    update shows there), and each of their changed tensors is selected with
+    ``torch.where``.
+    """
+    skips = optimizer._skips
+    skips.warn_once()
     with torch.no_grad(), _recording.no_autocast():
         grad_scale, statistics_scale = _amp.scales(optimizer, _recording.has_parts(optimizer))
         for layer in all_layers(optimizer._groups):
             follow_params(optimizer, layer)
-        statistics = _statistics(optimizer, statistics_scale)
-        for grp, group in zip(optimizer._groups, optimizer.param_groups):
-            _update_group(optimizer, grp, group, statistics.get(grp.index, {}), grad_scale)
+        statistics, present, flag = _statistics(optimizer, statistics_scale)
+        plans = [_plan(optimizer, grp, group, statistics.get(grp.index, {}))
+                 for grp, group in zip(optimizer._groups, optimizer.param_groups)]
+        live = [(plan, group) for plan, group in zip(plans, optimizer.param_groups) if plan]
+        ok = _verdict(optimizer, [plan for plan, _ in live], flag) \
+            if optimizer._guard and live else None
+        # groups with statistics first: their new factors enter the verdict, which the
+        # plain groups then take as numbers (gated); so one verdict holds for all groups
+        results: dict[int, tuple] = {}
+        for n, (plan, group) in enumerate(live):
+            if plan.statistics or ok is None:
+                results[n] = _update(plan, group, grad_scale, None)
+        if ok is not None and results:
+            changed = [leaf for n, (_, new) in results.items()
+                       for leaf, _ in guard.changed_leaves(new, live[n][0].state)]
+            ok = ok & guard.all_finite(changed, device=ok.device)
+        selected = set(results) if ok is not None else set()
+        for n, (plan, group) in enumerate(live):
+            if n not in results:
+                results[n] = _update(plan, group, grad_scale, ok)
+        for n, (plan, _) in enumerate(live):
+            updates, new = results[n]
+            _apply(optimizer, plan, updates, new, ok if n in selected else None, present)
+        for group in optimizer.param_groups:
+            group["step"] += 1
+        if ok is not None:
+            skips.add(~ok)
     optimizer._explicit_grad_scale = None
 
 
-def _statistics(optimizer, statistics_scale) -> dict[int, dict[str, LayerStatistics]]:
-    """Per due group, per layer with a gradient: its accumulated (and reduced) statistics."""
+def _verdict(optimizer, plans, flag) -> Tensor:
+    """0-d bool: every gradient finite, GradScaler agrees, no process saw a bad statistic."""
+    grads = [g for plan in plans for g in plan.grads.values()]
+    ok = guard.all_finite(grads, device=grads[0].device if grads else None)
+    found_inf = _amp.found_inf(optimizer)
+    if found_inf is not None:
+        ok = ok & (found_inf.to(ok.device, non_blocking=True) == 0)
+    if flag is not None:
+        ok = ok & (flag.to(ok.device, non_blocking=True) == 0)
+    return ok
+
+
+def _statistics(optimizer, statistics_scale):
+    """Per due group, per layer with a gradient: its accumulated (and reduced) statistics.
+
+    Returns ``(statistics, present, flag)``: ``present`` maps the layers this process
+    had no statistics for to a 0-d bool (did any process have some? DDP only), and
+    ``flag`` is the number of processes whose statistics were not finite (0-d, DDP
+    only, reduced in the statistics' one collective); both None / empty otherwise.
+    Nothing is read back to the host.
+    """
     parts = _recording.take(optimizer)
     ratio = None
     if statistics_scale is not None:
-        scale = float(statistics_scale)
-        if scale != optimizer._statistics_scale:
-            ratio = (optimizer._statistics_scale / scale) ** 2
-        optimizer._statistics_scale = scale
+        old = optimizer._statistics_scale
+        if isinstance(statistics_scale, Tensor) or isinstance(old, Tensor):
+            ratio = (old / statistics_scale) ** 2  # on the device: powers of 2 stay exact
+        elif statistics_scale != old:
+            ratio = (old / statistics_scale) ** 2
+        optimizer._statistics_scale = statistics_scale
 
     entries: list[tuple[Group, Layer, _distributed.LocalStatistics, object]] = []
     for grp, group in zip(optimizer._groups, optimizer.param_groups):
         if group["step"] % group["T"] != 0:
             continue
         for layer in grp.layers:
-            layer_parts = parts.get(layer.name)
+            layer_parts = parts.get(layer.name) or []
             stats = None
             if layer_parts and grp.weight(layer).grad is not None:
-                stats = accumulate([p.stats for p in layer_parts], group["loss_average"])
-                if ratio is not None:  # H_C was divided by the expected scale squared
+                stats = accumulate(layer_parts, group["loss_average"])
+                if stats is not None and ratio is not None:
+                    # H_C was divided by the expected scale squared
                     stats = LayerStatistics(stats.H_K, stats.H_C * ratio)
             local = _distributed.LocalStatistics(
                 stats,
-                sum(p.rows for p in layer_parts or ()),
-                sum(p.loss_terms for p in layer_parts or ()),
+                sum(p.rows for p in layer_parts),
+                sum(p.loss_terms for p in layer_parts),
             )
             entries.append((grp, layer, local, group["loss_average"]))
 
+    present: dict[str, Tensor] = {}
+    flag = None
     process_group = _distributed.resolve_group(optimizer.process_group)
     if process_group is None:
-        reduced = [local.stats for _, _, local, _ in entries]
+        reduced = [(local.stats, None) for _, _, local, _ in entries]
     else:
         templates = []
         for grp, layer, local, loss_average in entries:
@@ -82,16 +146,36 @@ def _statistics(optimizer, statistics_scale) -> dict[int, dict[str, LayerStatist
             zeros = LayerStatistics(state["K"].map(torch.zeros_like),
                                     state["C"].map(torch.zeros_like))
             templates.append((zeros, local, loss_average))
-        reduced = _distributed.all_reduce_statistics(templates, process_group)
+        if templates:
+            mine = [t for _, _, local, _ in entries if local.stats is not None
+                    for M in local.stats for t in M.leaves]
+            anchor = templates[0][0].H_K.device
+            flag = (~guard.all_finite(mine, device=anchor)).to(torch.float32)
+        reduced = _distributed.all_reduce_statistics(templates, process_group, nonfinite=flag)
 
     out: dict[int, dict[str, LayerStatistics]] = {}
-    for (grp, layer, _, _), stats in zip(entries, reduced):
+    for (grp, layer, _, _), (stats, here) in zip(entries, reduced):
         if stats is not None:
             out.setdefault(grp.index, {})[layer.name] = stats
-    return out
+            if here is not None:
+                present[layer.name] = here
+    return out, present, flag
 
 
-def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_scale) -> None:
+class _Plan(NamedTuple):
+    grp: Group
+    keys: list
+    no_grad: set
+    grads: dict
+    params: dict
+    layer_state: dict
+    state: SINGDState
+    statistics: dict
+    active: tuple
+
+
+def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
+    """What the group's update needs, read from the optimizer; nothing is changed here."""
     index = grp.index
     now = locked(group)
     if now != grp.locked:
@@ -105,8 +189,7 @@ def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_sca
     keys = [k for l in active for k in l.info.params]
     keys += [k for k, p in grp.params.items() if k not in layer_keys and p.grad is not None]
     if not keys:
-        group["step"] += 1
-        return
+        return None
     st_of = optimizer.state
     for k in keys:
         p, st = grp.params[k], st_of[grp.params[k]]
@@ -130,24 +213,65 @@ def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_sca
         products=_cached_products(active, factors) if group["T"] > 1 else {},
     )
     statistics = {n: s for n, s in statistics.items() if n in layer_state}
-    updates, new = group_transform(grp, group, active).update(
-        grads, state, params,
-        statistics=statistics or None,
-        hyperparams=hyperparams(grp, group, due=bool(statistics)),
+    return _Plan(grp, keys, no_grad, grads, params, layer_state, state, statistics, active)
+
+
+def _update(plan: _Plan, group: dict, grad_scale, gate: Tensor | None):
+    """The group's pure update; with ``gate``, a no-op where the gate is False (``step``)."""
+    hp = hyperparams(plan.grp, group, due=bool(plan.statistics))
+    grads = plan.grads
+    if gate is not None:
+        grads = {k: guard.zero_where_not(gate, g) for k, g in grads.items()}
+        wide = gate.to(torch.float64)
+        hp = hp._replace(
+            lr=hp.lr * wide,
+            momentum=torch.where(gate, wide.new_full((), 0.0) + hp.momentum, wide.new_ones(())),
+            weight_decay=hp.weight_decay * wide if _nonzero(hp.weight_decay) else hp.weight_decay,
+        )
+    return group_transform(plan.grp, group, plan.active).update(
+        grads, plan.state, plan.params,
+        statistics=plan.statistics or None,
+        hyperparams=hp,
         grad_scale=grad_scale,
     )
-    for k in keys:
-        if k in no_grad:
+
+
+def _nonzero(value) -> bool:
+    return isinstance(value, Tensor) or value != 0
+
+
+def _apply(optimizer, plan: _Plan, updates, new: SINGDState, ok: Tensor | None,
+           present: dict) -> None:
+    """Write the update into the parameters and the optimizer state.
+
+    With ``ok`` (statistics steps), every changed tensor is ``torch.where``-selected on
+    it; a layer that no process had statistics for (``present``, DDP) keeps its factors.
+    """
+    grp, st_of, old = plan.grp, optimizer.state, plan.state
+    keep = {n: (present[n] if n in present else None) for n in plan.layer_state}
+    if ok is not None:
+        keep = {n: ok if k is None else ok & k for n, k in keep.items()}
+        new = new._replace(velocity=guard.select(ok, new.velocity, old.velocity))
+        updates = {k: guard.zero_where_not(ok, u) for k, u in updates.items()}
+    if any(k is not None for k in keep.values()):
+        def pick(tree, old_tree):
+            return {n: guard.select(keep[n], t, old_tree[n])
+                    if keep.get(n) is not None and n in old_tree else t
+                    for n, t in tree.items()}
+        new = new._replace(factors=pick(new.factors, old.factors),
+                           momenta=pick(new.momenta, old.momenta),
+                           products=pick(new.products, old.products))
+    for k in plan.keys:
+        if k in plan.no_grad:
             continue
         p = grp.params[k]
         p.add_(updates[k].to(p.dtype))
         st_of[p]["momentum_buffer"] = new.velocity[k]
-    for name, st in layer_state.items():
+    for name, st in plan.layer_state.items():
         store_factors(st, new.factors[name], new.momenta.get(name))
-    for layer in active:
+    for layer in plan.active:
         if layer.name in new.products:
             layer.products = new.products[layer.name]
-    group["step"] += 1
 
 
 def _cached_products(active: tuple[Layer, ...], factors: dict[str, Factors]) -> dict:
@@ -170,7 +294,8 @@ def hyperparams(grp: Group, group: dict, due: bool) -> HyperParams:
     alpha1 = None
     if grp.keeps_momenta:
         alpha1 = group["alpha1"]
-    elif not group["kfac_like"] and group["alpha1"] != 0:
+    elif grp.layers and not group["kfac_like"] and group["alpha1"] != 0:
+        # (a group without layers, e.g. only LayerNorm parameters, has no factors at all)
         raise ValueError(
             f"param group {grp.index} was built with alpha1=0 (no Riemannian momenta kept); "
             "it cannot be raised later: build the optimizer with alpha1 > 0"

@@ -96,7 +96,7 @@ def _heavy_ball(v: Tensor, d: Tensor, p: Tensor, momentum, weight_decay) -> Tens
         step = d + p * weight_decay
     if isinstance(momentum, (int, float)):
         return torch.add(step, v, alpha=momentum)
-    return v * momentum + step
+    return torch.addcmul(step, v, momentum)  # one pass, as with a float momentum
 
 
 def resolve_structures(layers, structures) -> dict[str, tuple[type, type]]:
