@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from . import _recording
+from . import _options, _recording
 from . import structures as _structures
 from ._groups import locked
 
@@ -33,13 +33,24 @@ def pack(optimizer, packed: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(optimizer, state_dict: dict[str, Any]) -> None:
-    """The body of ``SINGD.load_state_dict``; the argument is not modified."""
+    """The body of ``SINGD.load_state_dict``; the argument is not modified.
+
+    All or nothing: everything is read and checked against this optimizer's parameters,
+    layers and structures first; a refused state dict leaves the optimizer as it was.
+    """
     state_dict = dict(state_dict)
     for pre_hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
         result = pre_hook(optimizer, state_dict)
         if result is not None:
             state_dict = result
-    saved_groups = copy.deepcopy(state_dict["param_groups"])
+    if not isinstance(state_dict.get("state"), dict) or not isinstance(
+        state_dict.get("param_groups"), (list, tuple)
+    ):
+        raise TypeError(
+            "load_state_dict expects the output of SINGD.state_dict() (a dict with 'state' "
+            f"and 'param_groups'), got keys {sorted(map(str, state_dict))}"
+        )
+    saved_groups = copy.deepcopy(list(state_dict["param_groups"]))
     if len(saved_groups) != len(optimizer.param_groups) or any(
         len(s["params"]) != len(g["params"])
         for s, g in zip(saved_groups, optimizer.param_groups)
@@ -50,14 +61,25 @@ def load(optimizer, state_dict: dict[str, Any]) -> None:
         )
     id_map = {i: p for s, g in zip(saved_groups, optimizer.param_groups)
               for i, p in zip(s["params"], g["params"])}
+    names = {id(p): k for grp in optimizer._groups for k, p in grp.params.items()}
     state: defaultdict[Tensor, dict] = defaultdict(dict)
     for i, st in state_dict["state"].items():
+        if i not in id_map or not isinstance(st, dict):
+            raise ValueError(
+                f"the loaded state dict has state for parameter {i!r}, which none of its "
+                "param groups lists; it is not a SINGD.state_dict() of this configuration"
+            )
         p = id_map[i]
         state[p] = {k: _unpack(v, p.device) for k, v in st.items()}
     groups = []
     for saved, current in zip(saved_groups, optimizer.param_groups):
         if saved.get("lr_cov") is None and current["lr_cov"] is not None:
             saved["lr_cov"] = current["lr_cov"]  # a callable is not saved
+        where = f"the loaded state dict's param group {len(groups)}"
+        missing = [k for k in (*optimizer.defaults, "step") if k not in saved]
+        if missing:
+            raise ValueError(f"{where} lacks {missing}; it was not saved by SINGD.state_dict()")
+        _options.check_group(where, saved, host_tensors=True)
         saved["params"] = current["params"]
         groups.append(saved)
 
@@ -72,6 +94,11 @@ def load(optimizer, state_dict: dict[str, Any]) -> None:
                         f"{key} of structure {name!r}; it was saved from another model or "
                         "optimizer configuration"
                     )
+    for p, st in state.items():
+        _check_shapes(names.get(id(p), "a parameter"), p, st, optimizer.state.get(p, {}))
+
+    # everything checked: from here on nothing raises
+    for grp, group in zip(optimizer._groups, groups):
         grp.locked = locked(group)
         grp.keeps_momenta = all("m_K" in state[grp.weight(l)] for l in grp.layers) \
             and bool(grp.layers)
@@ -85,6 +112,41 @@ def load(optimizer, state_dict: dict[str, Any]) -> None:
     _recording.drop(optimizer)
     for post_hook in optimizer._optimizer_load_state_dict_post_hooks.values():
         post_hook(optimizer)
+
+
+def _check_shapes(name: str, p: Tensor, saved: dict, current: dict) -> None:
+    """Raise if a loaded state entry of parameter ``name`` does not fit it (another model)."""
+    def refuse(what: str):
+        raise ValueError(
+            f"parameter {name!r} (shape {tuple(p.shape)}): the state dict's {what}; it was "
+            "saved from another model (equal parameter counts, other shapes); build the "
+            "optimizer with the model the checkpoint was saved with"
+        )
+
+    for key, value in saved.items():
+        if key == "momentum_buffer":
+            if not isinstance(value, Tensor) or value.shape != p.shape:
+                refuse(f"momentum_buffer is {_describe(value)}")
+        elif isinstance(value, _structures.StructuredMatrix):
+            ref = current.get(key, current.get(key[2:] if key.startswith("m_") else key))
+            if not isinstance(ref, _structures.StructuredMatrix):
+                refuse(f"{key} belongs to a preconditioned layer, and this parameter's is not")
+            # the structure may differ (the loaded group's is adopted), the dimension not
+            shapes = [tuple(t.shape) for t in value.leaves]
+            expected = type(value).zeros(ref.dim, device="meta").leaves
+            if shapes != [tuple(t.shape) for t in expected]:
+                refuse(f"{key} is a {value.name} of tensor shapes {shapes}, expected "
+                       f"{[tuple(t.shape) for t in expected]} (dimension {ref.dim})")
+        elif isinstance(current.get(key), Tensor):
+            if not isinstance(value, Tensor) or value.shape != current[key].shape:
+                refuse(f"{key} is {_describe(value)}, expected shape "
+                       f"{tuple(current[key].shape)}")
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
 
 
 def _pack(value):

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from . import _options
 from .combine import GradientTransformation
 from .factors import Factors
 from .layers import SUPPORTED, LayerInfo, describe
@@ -83,11 +84,9 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
     """The layers of param group ``index``, their initial state and their hooks."""
     from ._recording import CaptureHook  # the hook records into these records
 
-    T = group["T"]
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"param group {index}: T must be a positive int, got {T!r}")
-    for entry in ("structures", "preconditioner_dtype"):
-        group[entry] = tuple(group[entry]) if group[entry] is not None else (None, None)
+    for entry, what in (("structures", "structure name"), ("preconditioner_dtype", "dtype")):
+        group[entry] = _options.pair(group[entry], entry, what)
+    _options.check_group(f"param group {index}", group, host_tensors=True)
     model = optimizer.model
     names = {id(p): k for k, p in model.named_parameters()}
     owner = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
@@ -175,6 +174,19 @@ def store_factors(state: dict, factors: Factors, momenta: Factors | None) -> Non
 def follow_params(optimizer, layer: Layer) -> dict:
     """The layer's state, re-cast if the model was moved or cast since it was made."""
     group, grp = optimizer.param_groups[layer.group], optimizer._groups[layer.group]
+    w = check_weight(grp, layer)
+    state = optimizer.state[w]
+    dtype_K, dtype_C = group["preconditioner_dtype"]
+    for key, dtype in (("K", dtype_K), ("m_K", dtype_K), ("C", dtype_C), ("m_C", dtype_C)):
+        M = state.get(key)
+        dtype = dtype or w.dtype
+        if M is not None and (M.dtype != dtype or M.device != w.device):
+            state[key] = M.to(dtype=dtype, device=w.device)
+    return state
+
+
+def check_weight(grp: Group, layer: Layer) -> Tensor:
+    """The layer's weight, if its module still holds the parameter the group was built with."""
     w = grp.weight(layer)
     if layer.module.weight is not w:
         raise RuntimeError(
@@ -184,14 +196,7 @@ def follow_params(optimizer, layer: Layer) -> dict:
             "build the optimizer after changing the model, or change it in place "
             "(model.to(...) with the default settings keeps the parameters)"
         )
-    state = optimizer.state[w]
-    dtype_K, dtype_C = group["preconditioner_dtype"]
-    for key, dtype in (("K", dtype_K), ("m_K", dtype_K), ("C", dtype_C), ("m_C", dtype_C)):
-        M = state.get(key)
-        dtype = dtype or w.dtype
-        if M is not None and (M.dtype != dtype or M.device != w.device):
-            state[key] = M.to(dtype=dtype, device=w.device)
-    return state
+    return w
 
 
 def supported_modules(model: nn.Module):

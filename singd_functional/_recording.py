@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._groups import Layer, all_layers, follow_params
+from ._options import check_T
 from .capture import LayerCapture
 from .statistics import StatisticsPart, layer_part
 
@@ -60,6 +61,7 @@ def record(optimizer, layer: Layer, args, output) -> None:
     if not output.requires_grad:
         return
     group = optimizer.param_groups[layer.group]
+    check_T(f"param group {layer.group} (layer {layer.name!r})", group["T"])
     if group["step"] % group["T"] != 0:
         return
     # x is held by the hook, which lives in the autograd graph: a forward pass that is

@@ -14,12 +14,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _amp, _distributed, _recording, guard
+from . import _amp, _distributed, _options, _recording, guard
 from ._groups import (
     LOCKED,
     Group,
     Layer,
     all_layers,
+    check_weight,
     follow_params,
     group_transform,
     locked,
@@ -48,6 +49,8 @@ def step(optimizer) -> None:
     update shows there), and each of their changed tensors is selected with
     ``torch.where``.
     """
+    for grp, group in zip(optimizer._groups, optimizer.param_groups):
+        check(grp, group)  # every group before any changes: a step is all or nothing
     skips = optimizer._skips
     skips.warn_once()
     with torch.no_grad(), _recording.no_autocast():
@@ -82,6 +85,27 @@ def step(optimizer) -> None:
         if ok is not None:
             skips.add(~ok)
     optimizer._explicit_grad_scale = None
+
+
+def check(grp: Group, group: dict) -> None:
+    """Raise if param group ``grp.index`` cannot step as it is now set (changes nothing)."""
+    where = f"param group {grp.index}"
+    _options.check_group(where, group)
+    now = locked(group)
+    if now != grp.locked:
+        raise ValueError(
+            f"{where}: {dict(zip(LOCKED, now))} changed after the "
+            f"optimizer was built (was {dict(zip(LOCKED, grp.locked))}); the factors "
+            "cannot change structure: build a new optimizer instead"
+        )
+    # (a group without layers, e.g. only LayerNorm parameters, has no factors at all)
+    if grp.layers and not grp.keeps_momenta and not group["kfac_like"] and group["alpha1"] != 0:
+        raise ValueError(
+            f"{where} was built with alpha1=0 (no Riemannian momenta kept); "
+            "it cannot be raised later: build the optimizer with alpha1 > 0"
+        )
+    for layer in grp.layers:
+        check_weight(grp, layer)
 
 
 def _verdict(optimizer, plans, flag) -> Tensor:
@@ -176,14 +200,6 @@ class _Plan(NamedTuple):
 
 def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
     """What the group's update needs, read from the optimizer; nothing is changed here."""
-    index = grp.index
-    now = locked(group)
-    if now != grp.locked:
-        raise ValueError(
-            f"param group {index}: {dict(zip(LOCKED, now))} changed after the "
-            f"optimizer was built (was {dict(zip(LOCKED, grp.locked))}); the factors "
-            "cannot change structure: build a new optimizer instead"
-        )
     active = tuple(l for l in grp.layers if grp.weight(l).grad is not None)
     layer_keys = {k for l in grp.layers for k in l.info.params}
     keys = [k for l in active for k in l.info.params]
@@ -291,15 +307,7 @@ def _cached_products(active: tuple[Layer, ...], factors: dict[str, Factors]) -> 
 def hyperparams(grp: Group, group: dict, due: bool) -> HyperParams:
     """The group's numbers now (lr_cov is only evaluated when the factors update)."""
     lr_cov = group["lr_cov"]
-    alpha1 = None
-    if grp.keeps_momenta:
-        alpha1 = group["alpha1"]
-    elif grp.layers and not group["kfac_like"] and group["alpha1"] != 0:
-        # (a group without layers, e.g. only LayerNorm parameters, has no factors at all)
-        raise ValueError(
-            f"param group {grp.index} was built with alpha1=0 (no Riemannian momenta kept); "
-            "it cannot be raised later: build the optimizer with alpha1 > 0"
-        )
+    alpha1 = group["alpha1"] if grp.keeps_momenta else None
     return HyperParams(
         lr=group["lr"], momentum=group["momentum"], damping=group["damping"],
         alpha1=alpha1, weight_decay=group["weight_decay"],

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _checkpoint, _distributed, _recording, _step
+from . import _checkpoint, _distributed, _options, _recording, _step
 from ._groups import Group, build_group, default_parameters, remove_hooks
 from .guard import SkipCounter
 
@@ -67,7 +67,8 @@ class SINGD(torch.optim.Optimizer):
         lr_cov: beta1, a float or a callable of the step t (a Python int from 0). A
             callable is not saved by :meth:`state_dict`; the optimizer you load into
             keeps its own.
-        structures: (K, C) structure names (``singd_functional.structures``).
+        structures: (K, C) structure names (``singd_functional.structures``); one name
+            (``"dense"``) means both.
         kfac_approx: ``"expand"`` or ``"reduce"``.
         warn_unsupported: see ``params``.
         kfac_like: IKFAC instead of SINGD (alpha1 is then 0).
@@ -125,7 +126,7 @@ class SINGD(torch.optim.Optimizer):
         T: int = 10,
         loss_average: str | None = "batch",
         lr_cov: float | Callable[[int], float] = 1e-2,
-        structures: tuple[str, str] = ("dense", "dense"),
+        structures: str | tuple[str, str] = ("dense", "dense"),
         kfac_approx: str = "expand",
         warn_unsupported: bool = True,
         kfac_like: bool = False,
@@ -142,7 +143,7 @@ class SINGD(torch.optim.Optimizer):
             )
         self.model = model
         self.warn_unsupported = warn_unsupported
-        self.init_grad_scale = float(init_grad_scale)
+        self.init_grad_scale = _options.check_init_grad_scale(init_grad_scale)
         self.process_group: Any = _distributed.WORLD
         # one record per param group (same index), holding its layers: the single source
         # of the group/layer mapping and of what the hooks recorded
@@ -165,9 +166,10 @@ class SINGD(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, momentum=momentum, damping=damping, alpha1=alpha1,
             weight_decay=weight_decay, T=T, loss_average=loss_average, lr_cov=lr_cov,
-            structures=tuple(structures), kfac_approx=kfac_approx, kfac_like=kfac_like,
-            preconditioner_dtype=(None, None) if preconditioner_dtype is None
-            else tuple(preconditioner_dtype),
+            structures=_options.pair(structures, "structures", "structure name"),
+            kfac_approx=kfac_approx, kfac_like=kfac_like,
+            preconditioner_dtype=_options.pair(preconditioner_dtype, "preconditioner_dtype",
+                                               "dtype"),
             normalize_lr_cov=normalize_lr_cov,
         )
         super().__init__(params, defaults)

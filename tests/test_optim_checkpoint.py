@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from torch import nn
 
 import singd_functional as sf
 from tests.models import make_loss, make_model
@@ -144,3 +145,88 @@ def test_loading_another_structure_is_a_clear_error():
     _, opt_b = _make(("dense", "dense"))
     with pytest.raises(ValueError, match="no K of structure 'dense'"):
         opt_b.load_state_dict(sd)
+
+
+def _mlp(widths, **hp):
+    torch.manual_seed(0)
+    layers = [nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+    model = nn.Sequential(*layers)
+    return model, sf.SINGD(model, **{**BASE, **hp})
+
+
+def _steps(model, opt, n, start=0):
+    for t in range(start, start + n):
+        torch.manual_seed(100 + t)
+        x = torch.randn(8, model[0].in_features)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def test_a_state_dict_of_another_model_with_equal_counts_is_refused_and_nothing_changes():
+    """Issue 12: equal parameter counts, other shapes: loaded silently, crashed in backward."""
+    other, opt_other = _mlp([5, 6, 7, 3])
+    _steps(other, opt_other, 2)
+    sd = opt_other.state_dict()
+    frozen = copy.deepcopy(sd)
+
+    model, opt = _mlp([5, 7, 6, 3])
+    _steps(model, opt, 2)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"parameter '0.weight' \(shape \(7, 5\)\).*another model"):
+        opt.load_state_dict(sd)
+    _assert_equal(opt.state_dict(), before)
+    _assert_equal(sd, frozen)
+    # still working, and on the same path as an optimizer that never saw the refused load
+    ref, opt_ref = _mlp([5, 7, 6, 3])
+    _steps(ref, opt_ref, 2)
+    _steps(model, opt, 3, start=2)
+    _steps(ref, opt_ref, 3, start=2)
+    for (k, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), k
+
+
+def test_a_refused_load_in_group_1_leaves_group_0_as_it_was():
+    """Group 1's check used to run after group 0's record had taken the saved settings
+    (here: no Riemannian momenta), which made every later step fail."""
+    def make(alpha1_0, structures_1):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        groups = [{"params": list(model[0].parameters()), "alpha1": alpha1_0},
+                  {"params": list(model[2].parameters()), "structures": structures_1}]
+        return model, sf.SINGD(model, groups, **BASE)
+
+    saved_model, saved_opt = make(0.0, ("dense", "dense"))
+    _steps(saved_model, saved_opt, 1)
+    sd = saved_opt.state_dict()
+    sd["state"][2]["K"] = {"structure": "diagonal", "tensors": [torch.ones(6)]}
+    model, opt = make(0.5, ("dense", "dense"))
+    _steps(model, opt, 1)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="param group 1, layer '2': the state dict has no K"):
+        opt.load_state_dict(sd)
+    _assert_equal(opt.state_dict(), before)
+    _steps(model, opt, 2, start=1)
+    assert [g["step"] for g in opt.param_groups] == [3, 3]
+
+
+@pytest.mark.parametrize("bad", ["not a dict", "unknown param", "no step", "bad lr"])
+def test_malformed_state_dicts_are_refused_with_a_message(bad):
+    model, opt = _mlp([3, 4, 2])
+    _steps(model, opt, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    before = copy.deepcopy(sd)
+    if bad == "not a dict":
+        sd, error, match = {"state": [], "param_groups": []}, TypeError, "expects the output"
+    elif bad == "unknown param":
+        sd["state"][99] = {}
+        error, match = ValueError, "parameter 99, which none of its param groups lists"
+    elif bad == "no step":
+        del sd["param_groups"][0]["step"]
+        error, match = ValueError, r"lacks \['step'\]"
+    else:
+        sd["param_groups"][0]["lr"] = float("nan")
+        error, match = ValueError, "param group 0: lr .* must be finite"
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(sd)
+    _assert_equal(opt.state_dict(), before)
