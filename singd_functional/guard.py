@@ -189,5 +189,5 @@ class SkipCounter:
                 "not finite (NaN or inf): parameters, factors and momenta were left as they "
                 "were. opt.skipped_steps counts them (a device tensor). Shown once.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )

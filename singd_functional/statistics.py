@@ -200,8 +200,8 @@ def layer_part(
     sums = []
     for grp in _call_groups(info, capture):
         a, g, N, S = layer_rows(info, grp, kfac_approx)
-        sums.append((Kw.project_inner(a.to(Kw.dtype).mT), Cw.project_inner(g.to(Cw.dtype).mT),
-                     a.shape[0], loss_scale(loss_average, N, S)))
+        sums.append((_sum_of_squares(Kw, a), _sum_of_squares(Cw, g), a.shape[0],
+                     loss_scale(loss_average, N, S)))
     if len(sums) == 1:
         sum_K, sum_C, rows, terms = sums[0]
         H_C = sum_C.scale(terms / grad_scale**2)
@@ -213,6 +213,13 @@ def layer_part(
         H_C = sum_C.scale(1.0 / grad_scale**2)
     H_K = sum_K.scale(1.0 / rows if rows else 0.0)
     return StatisticsPart(LayerStatistics(_cast(H_K, K.dtype), _cast(H_C, C.dtype)), rows, terms)
+
+
+def _sum_of_squares(M: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
+    """Pi(M^T X X^T M) for the rows X [R, d] (zeros without rows: an FFT of none fails)."""
+    if rows.shape[0] == 0:
+        return M.map(torch.zeros_like)
+    return M.project_inner(rows.to(M.dtype).mT)
 
 
 def _cast(M: StructuredMatrix, dtype: torch.dtype) -> StructuredMatrix:

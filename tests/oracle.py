@@ -112,7 +112,7 @@ class DenseOracle:
         a, g = torch.cat(a_parts, 1), torch.cat(g_parts, 1)
         N, S = a.shape[0], a.shape[1]
         if self.approx == "expand":
-            a, g = a.reshape(N * S, -1), g.reshape(N * S, -1)
+            a, g = a.reshape(N * S, a.shape[-1]), g.reshape(N * S, g.shape[-1])
         else:
             a, g = a.mean(1), g.sum(1)
         if self._has_bias(mod):
