@@ -27,7 +27,7 @@ from .combine import (
 from .factors import Factors
 from .fallbacks import adamw, sgd
 from .guard import SkipNonfiniteState, skip_nonfinite
-from .layers import LayerInfo, find_layers
+from .layers import LayerInfo, LayerKind, describe, find_layers, register_layer_kind
 from .optim import SINGD
 from .statistics import LayerStatistics
 from .sweep import Step, Sweep, SweepState, grid, make_step, make_sweep
@@ -40,6 +40,9 @@ __all__ = [
     "guard",
     "find_layers",
     "LayerInfo",
+    "LayerKind",
+    "register_layer_kind",
+    "describe",
     "make_capture",
     "LayerCapture",
     "LayerStatistics",

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import _options
 from .combine import GradientTransformation
 from .factors import Factors
-from .layers import SUPPORTED, LayerInfo, describe
+from .layers import LayerInfo, layer_kind, module_layers
 from .transform import singd
 
 # Group entries fixed when the group's state is created (its layout depends on them).
@@ -82,7 +82,7 @@ def locked(group: dict) -> tuple:
 
 def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
     """The layers of param group ``index``, their initial state and their hooks."""
-    from ._recording import CaptureHook  # the hook records into these records
+    from ._recording import CaptureHook, KindHook  # the hooks record into these records
 
     for entry, what in (("structures", "structure name"), ("preconditioner_dtype", "dtype")):
         group[entry] = _options.pair(group[entry], entry, what)
@@ -92,27 +92,24 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
     owner = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     keys = {id(p): names.get(id(p), f"param_groups[{index}][{i}]")
             for i, p in enumerate(group["params"])}
+    # the layer rule over every parameter this optimizer trains (any group), so that a
+    # layer split across groups is seen and refused
+    trained = {i: names[i] for i in owner if i in names}
+    group_of = {names[i]: g for i, g in owner.items() if i in names}
 
     infos, modules = [], []
-    for name, mod in supported_modules(model):
-        w_group = owner.get(id(mod.weight))
-        b_group = None if mod.bias is None else owner.get(id(mod.bias))
-        if index not in (w_group, b_group):
+    for _, mod, info in module_layers(model, trained):
+        where = {k: group_of[k] for k in info.params}
+        if index not in where.values():
             continue
-        if w_group is not None and b_group is not None and w_group != b_group:
+        if len(set(where.values())) > 1:
+            placed = ", ".join(f"{k} in group {g}" for k, g in where.items())
             raise ValueError(
-                f"layer {name!r} is split across param groups (weight in group {w_group}, "
-                f"bias in group {b_group}); SINGD preconditions [W | b] jointly, so put "
-                "a layer's weight and bias in the same param group"
+                f"layer {info.name!r} is split across param groups ({placed}); SINGD "
+                "preconditions [W | b] jointly, so put a layer's weight and bias in the "
+                "same param group"
             )
-        if w_group != index:
-            continue  # a bias whose weight this optimizer does not train: no layer
-        if any(l.weight == keys[id(mod.weight)] for l in infos):
-            raise ValueError(
-                f"layer {name!r}: its weight is shared with another supported layer; "
-                "SINGD needs one layer per weight (call one module several times instead)"
-            )
-        infos.append(describe(name, mod, keys))
+        infos.append(info)
         modules.append(mod)
 
     params = {keys[id(p)]: p for p in group["params"]}
@@ -127,7 +124,16 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
 
     layers = tuple(Layer(info, mod, index) for info, mod in zip(infos, modules))
     for layer in layers:
-        layer.handle = layer.module.register_forward_hook(CaptureHook(optimizer, layer))
+        if layer_kind(layer.info).forward is None:
+            layer.handle = layer.module.register_forward_hook(CaptureHook(optimizer, layer))
+            continue
+        # a kind that taps its layers inside the module call: ONE hook per module, over
+        # its layers in every param group (each hook would run the forward again)
+        hook = optimizer._kind_hooks.get(id(layer.module))
+        if hook is None:
+            hook = optimizer._kind_hooks[id(layer.module)] = KindHook(optimizer, layer.module)
+            layer.handle = layer.module.register_forward_hook(hook, with_kwargs=True)
+        hook.add(layer)
     return Group(index, layers, params, locked(group), bool(state.momenta))
 
 
@@ -188,7 +194,7 @@ def follow_params(optimizer, layer: Layer) -> dict:
 def check_weight(grp: Group, layer: Layer) -> Tensor:
     """The layer's weight, if its module still holds the parameter the group was built with."""
     w = grp.weight(layer)
-    if layer.module.weight is not w:
+    if _current_weight(layer) is not w:
         raise RuntimeError(
             f"the weight of layer {layer.name!r} is no longer the parameter this optimizer "
             "was built with (a new nn.Parameter was assigned, or the model was converted "
@@ -199,27 +205,37 @@ def check_weight(grp: Group, layer: Layer) -> Tensor:
     return w
 
 
-def supported_modules(model: nn.Module):
-    """(name, module) of every module the core supports (layers.find_layers' rule)."""
-    for name, mod in model.named_modules():
-        if type(mod) in SUPPORTED and isinstance(mod.weight, Tensor):
-            yield name, mod
+def _current_weight(layer: Layer):
+    """The tensor the layer's module holds now where its weight was (None: not found).
+
+    The weight key is the module's path plus the attribute path below it
+    (``blocks.0.attn.in_proj_weight``, ``...attn.out_proj.weight``); a weight named from
+    elsewhere (a tied weight first registered by another module) is the module's
+    ``weight`` attribute.
+    """
+    site, key = layer.info.site, layer.info.weight
+    if site == "" or key.startswith(site + "."):
+        *path, attr = (key if site == "" else key[len(site) + 1:]).split(".")
+        try:
+            return getattr(layer.module.get_submodule(".".join(path)), attr)
+        except AttributeError:
+            return None
+    return getattr(layer.module, "weight", None)
 
 
 def default_parameters(model: nn.Module, warn_unsupported: bool) -> list[Tensor]:
-    """``params=None``: the trainable parameters of supported layers; warn about the rest."""
+    """``params=None``: the trainable parameters of the layers; warn about the rest."""
+    keys = {id(p): k for k, p in model.named_parameters() if p.requires_grad}
+    by_key = dict(model.named_parameters())
     chosen: dict[int, Tensor] = {}
-    for _, mod in supported_modules(model):
-        if not mod.weight.requires_grad:
-            continue
-        for p in (mod.weight, mod.bias):
-            if p is not None and p.requires_grad:
-                chosen.setdefault(id(p), p)
+    for _, _, info in module_layers(model, keys):
+        for k in info.params:
+            chosen.setdefault(id(by_key[k]), by_key[k])
     left_out = [k for k, p in model.named_parameters() if p.requires_grad and id(p) not in chosen]
     if left_out and warn_unsupported:
         warnings.warn(
-            f"SINGD(params=None) trains only the parameters of supported layers (nn.Linear, "
-            f"nn.Conv1d, nn.Conv2d); these trainable parameters will NOT be trained: "
+            f"SINGD(params=None) trains only the parameters of preconditioned layers "
+            f"(opt.describe() lists them); these trainable parameters will NOT be trained: "
             f"{', '.join(left_out)}. Pass them explicitly in `params` (they then get SINGD's "
             "heavy-ball step without preconditioner), train them with another optimizer, or "
             "silence this with warn_unsupported=False",
@@ -227,3 +243,8 @@ def default_parameters(model: nn.Module, warn_unsupported: bool) -> list[Tensor]
         )
     return list(chosen.values())
 
+
+def not_preconditioned(optimizer) -> list[str]:
+    """Keys of the trained parameters that no layer owns (they get the identity step)."""
+    owned = {k for layer in all_layers(optimizer._groups) for k in layer.info.params}
+    return [k for grp in optimizer._groups for k in grp.params if k not in owned]

@@ -19,6 +19,7 @@ from torch import Tensor
 from ._groups import Layer, all_layers, follow_params
 from ._options import check_T
 from .capture import LayerCapture
+from .layers import layer_kind
 from .statistics import StatisticsPart, layer_part
 
 Part = StatisticsPart  # one backward pass's contribution to one layer's statistics
@@ -69,6 +70,53 @@ def record(optimizer, layer: Layer, args, output) -> None:
     x = args[0].detach()
     ref = weakref.ref(optimizer)
     output.register_hook(lambda g: _on_output_grad(ref, layer, x, g))
+
+
+class KindHook:
+    """Forward hook (with kwargs) of a module whose kind taps its layers itself.
+
+    On steps that record, it runs the kind's ``forward`` again with taps that keep each
+    due layer's input and ask for its output gradient, and returns that output in place
+    of the module's (same values; the module's own output is dropped, so such a module
+    computes its forward twice on recording steps only). Copies are inert, as with
+    :class:`CaptureHook`.
+    """
+
+    def __init__(self, optimizer, module):
+        self.optimizer = weakref.ref(optimizer)
+        self.module = weakref.ref(module)
+        self.layers: list = []
+
+    def add(self, layer: Layer) -> None:
+        self.layers.append(weakref.ref(layer))
+
+    def __call__(self, module, args, kwargs, output):
+        opt = self.optimizer()
+        if opt is None or module is not self.module() or not torch.is_grad_enabled():
+            return None
+        due = [layer for layer in (r() for r in self.layers) if layer is not None
+               and opt.param_groups[layer.group]["step"] % opt.param_groups[layer.group]["T"] == 0]
+        if not due:
+            return None
+        by_name = {layer.name: layer for layer in due}
+        ref = weakref.ref(opt)
+
+        def tap(name, a, z):
+            layer = by_name.get(name)
+            if layer is not None and isinstance(z, Tensor) and z.requires_grad:
+                x = a.detach()
+                z.register_hook(lambda g: _on_output_grad(ref, layer, x, g))
+            return z
+
+        forward = layer_kind(due[0].info).forward
+        return forward(module, tuple(layer.info for layer in due), tap, args, kwargs)
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.optimizer = self.module = _dead
+        self.layers = []
 
 
 def _on_output_grad(ref, layer: Layer, x: Tensor, g: Tensor) -> None:

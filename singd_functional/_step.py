@@ -9,6 +9,7 @@ from the group's static entries and cached) is called with the group's numbers o
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -178,11 +179,25 @@ def _statistics(optimizer, statistics_scale):
         reduced = _distributed.all_reduce_statistics(templates, process_group, nonfinite=flag)
 
     out: dict[int, dict[str, LayerStatistics]] = {}
+    unrecorded = []
     for (grp, layer, _, _), (stats, here) in zip(entries, reduced):
         if stats is not None:
             out.setdefault(grp.index, {})[layer.name] = stats
             if here is not None:
                 present[layer.name] = here
+        elif (grp.weight(layer).grad is not None and not parts.get(layer.name)
+              and layer.name not in optimizer._unrecorded):
+            unrecorded.append(layer.name)  # (an empty batch did record: no warning)
+    if unrecorded:
+        optimizer._unrecorded.update(unrecorded)
+        warnings.warn(
+            f"SINGD: layers {unrecorded} have gradients but recorded no statistics: their "
+            "modules were not called in forward (a weight used directly, as in "
+            "F.linear(x, m.weight), is no layer call), so their factors keep their values "
+            "(the identity until then). Call the module, or pass its parameters to "
+            "another optimizer",
+            stacklevel=4,
+        )
     return out, present, flag
 
 

@@ -15,14 +15,24 @@ Two ways to add the perturbations (``method=`` of :func:`make_capture`):
 * ``"hooks"``: temporary forward hooks. Works for any model, eagerly and under
   ``vmap``. Under ``torch.compile`` registering a hook is a graph break (dynamo
   cannot trace ``register_forward_hook``), so a compiled step splits there.
-* ``"fx"``: the model is traced once with ``torch.fx.symbolic_trace`` and rewritten
-  so that the perturbations are an input (added right after each layer call) and the
-  layer inputs an extra output. No hooks, no module mutation: the whole step compiles
-  with ``fullgraph=True``. The model must be fx-traceable, and Python control flow
-  in its ``forward`` (e.g. ``if self.training``) is fixed when it is traced.
+* ``"fx"``: the model is traced once with ``torch.fx`` and rewritten so that the
+  perturbations are an input (added right after each layer call) and the layer
+  inputs an extra output. No hooks, no module mutation: the whole step compiles with
+  ``fullgraph=True``. The tracer sees through containers: a module is a leaf only if
+  it carries a requested layer or has no requested layer below it (so the
+  ``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer`` are traced calls).
+  The model must be fx-traceable, Python control flow in its ``forward`` (e.g.
+  ``if self.training``) is fixed when it is traced, and the traced calls must cover
+  every requested layer.
 * ``"auto"`` (default): ``"hooks"`` eagerly (exactly the behaviour of a plain
   forward), ``"fx"`` while ``torch.compile`` traces the call if the model could be
-  traced when :func:`make_capture` was called, else ``"hooks"`` (with the break).
+  traced, covering every layer, when :func:`make_capture` was called; else it warns
+  once and uses ``"hooks"`` (with the breaks). ``capture.method`` says which.
+
+A layer whose kind has a ``forward`` (:class:`~singd_functional.layers.LayerKind`)
+is captured through that function's taps in both methods: with hooks the module's
+``forward`` is shadowed for the duration of the call; in the traced program the
+module call is replaced by a call of the kind's ``forward``.
 
 Perturbation shapes come from a forward on the ``'meta'`` device, cached per input
 shape; under ``torch.compile`` they come from a forward on the real inputs whose
@@ -31,17 +41,20 @@ values are never used (it exists only in the traced program, where it is dead co
 
 from __future__ import annotations
 
+import functools
 import operator
+import warnings
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .layers import LayerInfo
+from .layers import LayerInfo, layer_kind
 
 
 class LayerCapture(NamedTuple):
@@ -60,28 +73,85 @@ class LayerCapture(NamedTuple):
 Captures = dict[str, LayerCapture]
 
 
+def _sites(layers) -> dict[str, tuple[LayerInfo, ...]]:
+    """The layers grouped by the module whose call carries them, in ``layers`` order."""
+    sites: dict[str, list[LayerInfo]] = {}
+    for info in layers:
+        sites.setdefault(info.site, []).append(info)
+    out = {}
+    for site, infos in sites.items():
+        if layer_kind(infos[0]).forward is None and len(infos) > 1:
+            raise ValueError(
+                f"layers {[i.name for i in infos]} share the module {site!r}, but their kind "
+                f"{infos[0].kind!r} has no `forward` that taps each of them"
+            )
+        out[site] = tuple(infos)
+    return out
+
+
+Tap = Callable[[str, Tensor, Tensor], Tensor]
+
+
 @contextmanager
-def _perturbing_hooks(model: nn.Module, layers, perturbations, record):
-    """Forward hooks that add a perturbation to each layer output and record inputs."""
-    handles = []
+def _tapped(model: nn.Module, layers, tap: Tap):
+    """Route every layer call of ``model`` through ``tap(layer_name, input, output) -> output``.
+
+    A layer of a kind without ``forward``: a temporary forward hook on its module (the
+    input is the module's first argument, the output the module's output). A kind with
+    ``forward``: the module's ``forward`` is shadowed, for the duration, by the kind's,
+    which taps each of the module's layers itself. Everything is undone on exit.
+    """
     modules = dict(model.named_modules())
+    undo: list[Callable[[], None]] = []
     try:
-        for info in layers:
-            calls = []
-            record[info.name] = calls
+        for site, infos in _sites(layers).items():
+            mod, kind = modules[site], layer_kind(infos[0])
+            if kind.forward is None:
 
-            def hook(mod, args, out, _name=info.name, _calls=calls):
-                i = len(_calls)
-                _calls.append(args[0])
-                if perturbations is None:
-                    return None
-                return out + perturbations[_name][i]
+                def hook(m, args, out, _name=infos[0].name):
+                    return tap(_name, args[0], out)
 
-            handles.append(modules[info.name].register_forward_hook(hook))
+                undo.append(mod.register_forward_hook(hook).remove)
+                continue
+
+            def forward(*args, _m=mod, _f=kind.forward, _infos=infos, **kwargs):
+                return _f(_m, _infos, tap, args, kwargs)
+
+            undo.append(_restore_forward(mod))
+            mod.forward = forward  # an instance attribute shadows the class's forward
         yield
     finally:
-        for h in handles:
-            h.remove()
+        for step in reversed(undo):
+            step()
+
+
+def _restore_forward(mod: nn.Module) -> Callable[[], None]:
+    """Undo a later ``mod.forward = ...`` (keeping a forward the user set on the instance)."""
+    own = mod.__dict__.get("forward")
+
+    def restore():
+        if own is None:
+            mod.__dict__.pop("forward", None)
+        else:
+            mod.__dict__["forward"] = own
+
+    return restore
+
+
+def _perturbing_hooks(model: nn.Module, layers, perturbations, record):
+    """Add a perturbation to each layer output and record each layer input, per call."""
+    for info in layers:
+        record[info.name] = []
+
+    def tap(name, a, z):
+        calls = record.get(name)
+        if calls is None:  # a layer of the module that is not captured
+            return z
+        i = len(calls)
+        calls.append(a)
+        return z if perturbations is None else z + perturbations[name][i]
+
+    return _tapped(model, layers, tap)
 
 
 def _output_shapes(model, layers, params, buffers, inputs):
@@ -97,20 +167,13 @@ def _output_shapes(model, layers, params, buffers, inputs):
     state = {k: meta(v) for k, v in {**own, **buffers, **params}.items()}
     out_record: dict[str, list] = {info.name: [] for info in layers}
 
-    handles = []
-    modules = dict(model.named_modules())
-    try:
-        for info in layers:
+    def tap(name, a, z):
+        if name in out_record:
+            out_record[name].append((tuple(z.shape), z.dtype))
+        return z
 
-            def hook(mod, args, out, _name=info.name):
-                out_record[_name].append((tuple(out.shape), out.dtype))
-
-            handles.append(modules[info.name].register_forward_hook(hook))
-        with torch.no_grad():
-            functional_call(model, state, tuple(meta(x) for x in inputs))
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), _tapped(model, layers, tap):
+        functional_call(model, state, tuple(meta(x) for x in inputs))
     return out_record
 
 
@@ -119,10 +182,10 @@ class _FxProgram(NamedTuple):
 
     Attributes:
         perturbed: ``forward(*inputs, _singd_perturbations=[...]) -> (output,
-            layer_inputs)``: each supported layer call's output plus its perturbation,
-            and the tuple of the layers' inputs, one per call.
+            layer_inputs)``: each layer call's output plus its perturbation, and the
+            tuple of the layers' inputs, one per layer call.
         probe: ``forward(*inputs) -> layer_outputs``: the outputs alone (for shapes).
-        calls: the layer name of each call, in execution order.
+        calls: the layer name of each layer call, in execution order.
         keys: names of the parameters and buffers ``perturbed`` holds.
         probe_keys: the same for ``probe`` (a subset).
     """
@@ -137,19 +200,111 @@ class _FxProgram(NamedTuple):
 _PERTURBATIONS = "_singd_perturbations"
 
 
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer with our leaf rule: a module is a leaf only if it carries requested
+    layers or has none below it (fx's default would stop at every ``torch.nn`` module,
+    e.g. ``nn.TransformerEncoderLayer``, hiding its ``linear1``/``linear2``)."""
+
+    def __init__(self, sites):
+        super().__init__()
+        self.sites = frozenset(sites)
+        self.above = frozenset(
+            ".".join(parts[:i]) for s in self.sites for parts in [s.split(".")]
+            for i in range(len(parts))
+        )
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.sites:
+            return True
+        if qualname in self.above:
+            return False
+        return super().is_leaf_module(m, qualname)
+
+
+def _proxy_leaf(fn):
+    """``fn`` as one call node when it is called on fx proxies (else ``fn`` itself)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.fx.Proxy):
+                return a.tracer.create_proxy("call_function", fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@contextmanager
+def _traceable_torch_nn():
+    """What lets fx trace through the stock transformer modules, for the trace only.
+
+    The one place with private torch names. ``nn.TransformerEncoder``/``Decoder`` and
+    their layers canonicalise masks with ``F._canonical_mask`` / ``F._none_or_dtype``
+    (which check ``isinstance(mask, Tensor)``, false for a proxy) and read the sequence
+    length and causality with ``_get_seq_len`` / ``_detect_is_causal_mask`` (which
+    branch on tensor properties): each becomes one call node of the traced program,
+    run on the real tensors. The MHA fast path is switched off while tracing: its
+    eligibility test branches on tensor properties, and training with gradients never
+    takes it, so the traced program is the path training runs.
+    """
+    from torch.nn.modules import transformer
+
+    patched = [(F, "_canonical_mask"), (F, "_none_or_dtype"),
+               (transformer, "_get_seq_len"), (transformer, "_detect_is_causal_mask")]
+    originals = [(m, n, getattr(m, n)) for m, n in patched if hasattr(m, n)]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        for m, n, fn in originals:
+            setattr(m, n, _proxy_leaf(fn))
+        torch.backends.mha.set_fastpath_enabled(False)
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, n, fn in originals:
+            setattr(m, n, fn)
+
+
+def _kind_call(infos: tuple[LayerInfo, ...]):
+    """A graph function running a ``forward`` kind's module with its taps.
+
+    ``call(module, perturbations | None, *args, **kwargs) -> (output, layer inputs,
+    layer outputs)``, one entry per layer of ``infos`` (each tapped once per call).
+    """
+    forward = layer_kind(infos[0]).forward
+    position = {info.name: j for j, info in enumerate(infos)}
+
+    def call(module, perturbations, *args, **kwargs):
+        inputs: list[Any] = [None] * len(infos)
+        outputs: list[Any] = [None] * len(infos)
+
+        def tap(name, a, z):
+            j = position.get(name)
+            if j is None:  # a layer of the module that is not captured
+                return z
+            inputs[j], outputs[j] = a, z
+            return z if perturbations is None else z + perturbations[j]
+
+        out = forward(module, infos, tap, args, kwargs)
+        untapped = [info.name for info, a in zip(infos, inputs) if a is None]
+        if untapped:
+            raise RuntimeError(
+                f"the {infos[0].kind!r} kind's forward did not tap layers {untapped}; a "
+                "kind's forward must call tap(name, input, output) once per layer per call"
+            )
+        return out, tuple(inputs), tuple(outputs)
+
+    call.__name__ = f"singd_{infos[0].kind}_forward"
+    return call
+
+
 def _trace(model: nn.Module, layers: tuple[LayerInfo, ...]) -> _FxProgram:
     """Trace ``model`` with torch.fx and insert the perturbations (no hooks)."""
-    names = {info.name for info in layers}
+    sites = _sites(layers)
+    with _traceable_torch_nn():
+        source = _Tracer(sites).trace(model)
+    site_calls = [n for n in source.nodes if n.op == "call_module" and n.target in sites]
 
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return qualname in names or super().is_leaf_module(m, qualname)
-
-    source = Tracer().trace(model)
-    layer_calls = [n for n in source.nodes if n.op == "call_module" and n.target in names]
-    index = {n: i for i, n in enumerate(layer_calls)}
-
-    def rewrite(perturb: bool) -> torch.fx.GraphModule:
+    def rewrite(perturb: bool):
         graph = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
         nodes = list(source.nodes)
@@ -158,7 +313,13 @@ def _trace(model: nn.Module, layers: tuple[LayerInfo, ...]) -> _FxProgram:
                 env[node] = graph.node_copy(node, env.__getitem__)
         # a keyword with a default, so it fits after any signature (defaults, *args)
         pert = graph.placeholder(_PERTURBATIONS, default_value=None) if perturb else None
-        recorded, outputs = [], []
+        recorded: list[Any] = []
+        outputs: list[Any] = []
+        calls: list[str] = []
+
+        def slot() -> Any:
+            return graph.call_function(operator.getitem, (pert, len(calls))) if perturb else None
+
         for node in nodes:
             if node.op == "placeholder":
                 continue
@@ -166,22 +327,39 @@ def _trace(model: nn.Module, layers: tuple[LayerInfo, ...]) -> _FxProgram:
                 out = torch.fx.map_arg(node.args[0], env.__getitem__)
                 graph.output((out, tuple(recorded)) if perturb else tuple(outputs))
                 continue
-            new = graph.node_copy(node, env.__getitem__)
-            if node in index:
+            if node not in site_calls:
+                env[node] = graph.node_copy(node, env.__getitem__)
+                continue
+            infos = sites[node.target]
+            if layer_kind(infos[0]).forward is None:
+                new = graph.node_copy(node, env.__getitem__)
                 recorded.append(new.args[0])
                 outputs.append(new)
                 if perturb:
-                    p = graph.call_function(operator.getitem, (pert, index[node]))
-                    new = graph.call_function(operator.add, (new, p))
-            env[node] = new
+                    new = graph.call_function(operator.add, (new, slot()))
+                calls.append(infos[0].name)
+                env[node] = new
+                continue
+            module = graph.get_attr(node.target)
+            slots = tuple(graph.call_function(operator.getitem, (pert, len(calls) + j))
+                          for j in range(len(infos))) if perturb else None
+            args = torch.fx.map_arg(node.args, env.__getitem__)
+            kwargs = torch.fx.map_arg(node.kwargs, env.__getitem__)
+            res = graph.call_function(_kind_call(infos), (module, slots, *args), kwargs)
+            ins = graph.call_function(operator.getitem, (res, 1))
+            outs = graph.call_function(operator.getitem, (res, 2))
+            for j, info in enumerate(infos):
+                recorded.append(graph.call_function(operator.getitem, (ins, j)))
+                outputs.append(graph.call_function(operator.getitem, (outs, j)))
+                calls.append(info.name)
+            env[node] = graph.call_function(operator.getitem, (res, 0))
         graph.lint()
-        return torch.fx.GraphModule(model, graph)
+        return torch.fx.GraphModule(model, graph), tuple(calls)
 
-    perturbed = rewrite(True)
-    probe = rewrite(False)
+    perturbed, calls = rewrite(True)
+    probe, _ = rewrite(False)
     probe.graph.eliminate_dead_code()  # the probe stops at the last layer call
     probe.recompile()
-    calls = tuple(n.target for n in layer_calls)
     return _FxProgram(perturbed, probe, calls, _state_keys(perturbed), _state_keys(probe))
 
 
@@ -199,7 +377,7 @@ def _fx_output_shapes(program: _FxProgram, state, inputs) -> list:
             return torch.empty(t.shape, dtype=t.dtype, device="meta")
         return t
 
-    full = dict(program.probe.named_parameters())
+    full: dict[str, Tensor] = dict(program.probe.named_parameters())
     full.update(program.probe.named_buffers())
     full.update({k: v for k, v in state.items() if k in program.probe_keys})
     with torch.no_grad():
@@ -228,8 +406,9 @@ def make_capture(
             differentiated (its reduction decides ``loss_average``).
         layers: from :func:`~singd_functional.find_layers`.
         method: ``"auto"``, ``"hooks"`` or ``"fx"``: how the layer outputs are
-            perturbed (see the module docstring). ``"fx"`` raises if the model cannot
-            be traced with ``torch.fx``; ``"auto"`` then falls back to hooks.
+            perturbed (see the module docstring). ``"fx"`` raises when the model cannot
+            be traced with ``torch.fx`` or when the traced calls do not cover every
+            layer of ``layers``; ``"auto"`` then warns (once, here) and uses hooks.
 
     Returns:
         ``capture(params, *inputs, targets, buffers=None, record_layers=True) ->
@@ -240,21 +419,43 @@ def make_capture(
         never calls is missing from ``captures``. ``record_layers=False`` (for steps
         that skip the factor update) is a plain ``torch.func.grad`` of the loss: the
         same loss and gradients, ``captures == {}``, no perturbations or hooks.
+        Its attribute ``method`` says what it runs under ``torch.compile``:
+        ``"fx"`` (the traced program; ``method="auto"`` still runs hooks eagerly, with
+        the same numbers) or ``"hooks"``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     layers = tuple(layers)
-    program = None
+    program, why, fix, cause = None, None, None, None
     if method != "hooks":
         try:
             program = _trace(model, layers)
         except Exception as err:  # fx cannot trace data-dependent control flow etc.
-            if method == "fx":
-                raise ValueError(
-                    f"method='fx': torch.fx could not trace {type(model).__name__} "
-                    f"({type(err).__name__}: {err}). Use method='hooks' (or 'auto'), or "
-                    "make the model traceable (no Python branches on tensor values)"
-                ) from err
+            why = (f"torch.fx could not trace {type(model).__name__} "
+                   f"({type(err).__name__}: {err})")
+            fix = "make the model traceable (no Python branches on tensor values)"
+            cause = err
+        else:
+            traced = set(program.calls)
+            missing = [info.name for info in layers if info.name not in traced]
+            if missing:
+                program = None
+                why = (f"the traced forward of {type(model).__name__} never calls the modules "
+                       f"of layers {missing}")
+                fix = ("call each layer's module in forward (a weight used directly, as in "
+                       "F.linear(x, m.weight), is no layer call), or leave a layer that "
+                       "forward really never calls out of `layers`")
+    if why is not None:
+        if method == "fx":
+            raise ValueError(
+                f"method='fx': {why}. Use method='hooks' (or 'auto'), or {fix}"
+            ) from cause
+        warnings.warn(
+            f"make_capture(method='auto'): {why}; using forward hooks, under "
+            "torch.compile too (each layer call is then a graph break). Pass "
+            "method='hooks' to choose that and silence this warning",
+            stacklevel=2,
+        )
     cache: dict[Any, Any] = {}  # perturbation shapes per input / parameter shapes
 
     def capture(params: Mapping[str, Tensor], *args: Any, buffers=None, record_layers=True):
@@ -290,6 +491,7 @@ def make_capture(
         }
         return loss, grads, captures
 
+    capture.method = "hooks" if program is None else "fx"  # type: ignore[attr-defined]
     return capture
 
 

@@ -16,6 +16,8 @@ micro-batches holds no activations beyond the pass that is running.
 
 from __future__ import annotations
 
+import logging
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -24,8 +26,18 @@ import torch
 from torch import Tensor, nn
 
 from . import _checkpoint, _distributed, _options, _recording, _step
-from ._groups import Group, build_group, default_parameters, remove_hooks
+from ._groups import (
+    Group,
+    all_layers,
+    build_group,
+    default_parameters,
+    not_preconditioned,
+    remove_hooks,
+)
 from .guard import SkipCounter
+from .layers import LayerInfo, describe, summary
+
+_log = logging.getLogger("singd_functional")
 
 
 class SINGD(torch.optim.Optimizer):
@@ -41,23 +53,28 @@ class SINGD(torch.optim.Optimizer):
             opt.step()
 
     On steps with ``t % T == 0`` it records, with module hooks, the inputs and output
-    gradients of every supported layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``)
-    during ``backward`` and updates the preconditioner factors K, C; every step it
-    moves the parameters along the preconditioned heavy-ball direction. All arithmetic
-    is the pure core's (:func:`singd_functional.singd`).
+    gradients of every layer of the layer rule (:mod:`singd_functional.layers`:
+    ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, their subclasses and registered kinds;
+    the same rule as :func:`~singd_functional.find_layers`) during ``backward`` and
+    updates the preconditioner factors K, C; every step it moves the parameters along
+    the preconditioned heavy-ball direction. All arithmetic is the pure core's
+    (:func:`singd_functional.singd`). ``opt.layers`` and ``opt.describe()`` say what is
+    preconditioned; a one-line summary is logged at INFO to the ``"singd_functional"``
+    logger when it is built.
 
     Args:
         model: the model whose supported layers are preconditioned (may be wrapped in
             ``DistributedDataParallel``).
-        params: None (all parameters of supported layers that require grad; other
+        params: None (all parameters of the layers that require grad; other
             trainable parameters are NOT trained and, with ``warn_unsupported``, named
             in one warning), or parameters / param groups as for any optimizer. A
             group may set any hyperparameter below, including ``structures``, ``T``,
             ``kfac_approx``, ``loss_average``, ``preconditioner_dtype``, ``kfac_like``,
             ``normalize_lr_cov``. A layer's weight and bias must be in the same group.
-            Parameters outside supported layers that you pass explicitly get SINGD's
+            Parameters outside the layers that you pass explicitly get SINGD's
             heavy-ball step with an identity preconditioner (SGD with momentum and
-            coupled weight decay, same ``lr``, ``momentum``, ``weight_decay``).
+            coupled weight decay, same ``lr``, ``momentum``, ``weight_decay``); with
+            ``warn_unsupported`` they are named in one warning.
         lr, momentum, damping, alpha1, weight_decay: beta2, alpha2, lambda, alpha1,
             gamma of the paper; read from ``param_groups`` at every step, so every
             ``torch.optim.lr_scheduler`` works.
@@ -92,8 +109,9 @@ class SINGD(torch.optim.Optimizer):
     GradScaler: use it as with any optimizer, ``scaler.step(opt)``, with or without
     ``scaler.unscale_(opt)`` before (e.g. to clip gradients). Steps it finds non-finite
     are skipped as above, and the statistics of that backward pass are dropped. The
-    scale is removed from the gradients and from H_C (divided by s^2). After ``scaler.unscale_(opt)`` the optimizer reads the scale
-    is no longer known to the optimizer: add ``opt.set_current_grad_scale(scaler.get_scale())``
+    scale is removed from the gradients and from H_C (divided by s^2). After
+    ``scaler.unscale_(opt)`` the scale of the recorded output gradients is no longer
+    known to the optimizer: add ``opt.set_current_grad_scale(scaler.get_scale())``
     before ``scaler.step(opt)`` (the official package requires the same line); a step
     that needs it and lacks it raises before changing anything.
 
@@ -148,6 +166,8 @@ class SINGD(torch.optim.Optimizer):
         # one record per param group (same index), holding its layers: the single source
         # of the group/layer mapping and of what the hooks recorded
         self._groups: list[Group] = []
+        self._kind_hooks: dict[int, Any] = {}  # id(module) -> its KindHook (kinds with forward)
+        self._unrecorded: set[str] = set()  # layers warned about: gradients, no statistics
         weakref.finalize(self, remove_hooks, self._groups)  # no hooks outlive the optimizer
         self._backward_callback_queued = False
         # the scale the stored statistics are divided by; the exact one is applied at step
@@ -156,12 +176,14 @@ class SINGD(torch.optim.Optimizer):
         # skipping non-finite steps (guard.py); False only to measure what it costs
         self._guard = True
         self._skips = SkipCounter()
+        explicit = params is not None
         if params is None:
             params = default_parameters(model, warn_unsupported)
             if not params:
                 raise ValueError(
-                    f"{type(model).__name__} has no supported layer (nn.Linear, nn.Conv1d, "
-                    "nn.Conv2d) with a weight that requires grad; nothing for SINGD to train"
+                    f"{type(model).__name__} has no layer SINGD preconditions (nn.Linear, "
+                    "nn.Conv1d, nn.Conv2d, their subclasses or a registered kind) with a "
+                    "weight that requires grad; nothing for SINGD to train"
                 )
         defaults = dict(
             lr=lr, momentum=momentum, damping=damping, alpha1=alpha1,
@@ -173,6 +195,32 @@ class SINGD(torch.optim.Optimizer):
             normalize_lr_cov=normalize_lr_cov,
         )
         super().__init__(params, defaults)
+        plain = not_preconditioned(self)
+        if explicit and plain and warn_unsupported:
+            warnings.warn(
+                f"SINGD: these parameters are not in a preconditioned layer and get SINGD's "
+                f"heavy-ball step with an identity preconditioner (SGD with momentum): "
+                f"{', '.join(plain)}. opt.describe() lists the preconditioned layers; "
+                "silence this with warn_unsupported=False",
+                stacklevel=2,
+            )
+        _log.info("SINGD: %s; %d parameter tensors without preconditioner",
+                  summary(self.layers), len(plain))
+
+    @property
+    def layers(self) -> tuple[LayerInfo, ...]:
+        """The preconditioned layers of every param group (the rule of ``find_layers``)."""
+        return tuple(layer.info for layer in all_layers(self._groups))
+
+    def describe(self) -> str:
+        """A table of the preconditioned layers with their group's structures, and the rest."""
+        structures = {layer.name: self.param_groups[layer.group]["structures"]
+                      for layer in all_layers(self._groups)}
+        table = describe(self.layers, structures)
+        plain = not_preconditioned(self)
+        if plain:
+            table += "\nnot preconditioned (SGD with momentum): " + ", ".join(plain)
+        return table
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (torch.optim semantics); its layers get state and hooks."""

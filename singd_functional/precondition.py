@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .layers import LayerInfo
+from .layers import LayerInfo, layer_kind
 from .structures import StructuredMatrix
 
 
 def layer_gradient_matrix(info: LayerInfo, grads) -> Tensor:
-    """G = [grad W (flattened to [d_out, d_in]) | grad b] of one layer."""
-    G = grads[info.weight].reshape(info.d_out, -1)
+    """G = [grad W (its kind's weight matrix view, [d_out, d_in]) | grad b] of one layer."""
+    G = layer_kind(info).weight_matrix(info, grads[info.weight])
     if info.bias is not None:
         G = torch.cat([G, grads[info.bias].reshape(info.d_out, 1)], 1)
     return G
@@ -57,7 +57,8 @@ def outer_products(K: StructuredMatrix, C: StructuredMatrix) -> dict[str, Struct
 
 def split_layer_update(info: LayerInfo, D: Tensor, params) -> dict[str, Tensor]:
     """Split D [d_out, d_K] into tensors shaped like the layer's weight (and bias)."""
-    out = {info.weight: D[:, : info.d_in].reshape(params[info.weight].shape)}
+    W = params[info.weight]
+    out = {info.weight: layer_kind(info).weight_from_matrix(info, D[:, : info.d_in], W)}
     if info.bias is not None:
         out[info.bias] = D[:, info.d_in].reshape(params[info.bias].shape)
     return out

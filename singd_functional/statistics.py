@@ -11,15 +11,13 @@ both computed as Pi(Y Y^T) with Y = K^T X (never forming A_hat or G_hat).
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .capture import LayerCapture
-from .layers import LayerInfo
+from .layers import LayerInfo, layer_kind
 from .structures import StructuredMatrix
 
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
@@ -33,66 +31,10 @@ class LayerStatistics(NamedTuple):
     H_C: StructuredMatrix
 
 
-def _patches(info: LayerInfo, x: Tensor) -> Tensor:
-    """Unfolded input patches of a conv layer: [N, d_in, positions]."""
-    if info.kind == "conv1d":
-        x = x.unsqueeze(-2)
-    if info.groups > 1:  # ALGORITHM.md: average the input channels over the groups
-        n, ch = x.shape[0], x.shape[1]
-        x = x.reshape(n, info.groups, ch // info.groups, *x.shape[2:]).mean(1)
-    top, bottom, left, right = info.padding
-    padding: tuple[int, int] = (top, left)
-    if info.padding_mode != "zeros" or top != bottom or left != right:
-        mode = "constant" if info.padding_mode == "zeros" else info.padding_mode
-        x = F.pad(x, (left, right, top, bottom), mode=mode)
-        padding = (0, 0)
-    return F.unfold(
-        x, info.kernel_size, dilation=info.dilation, padding=padding, stride=info.stride
-    )
-
-
-def _batched(info: LayerInfo, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """An unbatched call (1-D Linear input, (C, L) Conv1d, (C, H, W) Conv2d) as a batch of 1."""
-    unbatched = {"linear": 1, "conv1d": 2, "conv2d": 3}[info.kind]
-    if x.dim() == unbatched:
-        return x.unsqueeze(0), g.unsqueeze(0)
-    return x, g
-
-
-def _rows_one_call(info: LayerInfo, x: Tensor, g: Tensor):
-    """(a, g) per sample and position: [N, S, d_in], [N, S, d_out]."""
-    x, g = _batched(info, x, g)
-    n = x.shape[0]
-    if info.kind == "linear":
-        s = math.prod(x.shape[1:-1])  # explicit, so that an empty batch reshapes too
-        return x.reshape(n, s, x.shape[-1]), g.reshape(n, s, g.shape[-1])
-    a = _patches(info, x).transpose(1, 2)
-    return a, g.flatten(2).transpose(1, 2)
-
-
-def _batch_size(info: LayerInfo, x: Tensor) -> int:
-    return _batched(info, x, x)[0].shape[0]
-
-
-def _call_groups(info: LayerInfo, capture: LayerCapture) -> list[LayerCapture]:
-    """The calls of one pass, grouped by batch size (first appearance order).
-
-    Calls with one batch size pool as weight-sharing positions; calls with another
-    (``l1(model(x_lab)) + l2(model(x_unlab))``) are separate loss terms (ALGORITHM.md).
-    """
-    groups: dict[int, list[int]] = {}
-    for i, x in enumerate(capture.inputs):
-        groups.setdefault(_batch_size(info, x), []).append(i)
-    return [
-        LayerCapture(tuple(capture.inputs[i] for i in idx),
-                     tuple(capture.output_grads[i] for i in idx))
-        for idx in groups.values()
-    ]
-
-
 def layer_rows(info: LayerInfo, capture: LayerCapture, kfac_approx: str):
-    """The a-rows and g-rows of ALGORITHM.md for one layer (calls of one batch size).
+    """The a-rows and g-rows of ALGORITHM.md for one layer.
 
+    The rows of one call come from the layer's kind (:attr:`LayerKind.rows`).
     Several calls of the layer in one forward pass are pooled as extra weight-sharing
     positions (concatenated along the sharing dimension); they must share the batch
     size (:func:`layer_part` handles calls of different batch sizes).
@@ -102,7 +44,8 @@ def layer_rows(info: LayerInfo, capture: LayerCapture, kfac_approx: str):
         bias is trained), ``g`` [R', d_C], the batch size ``N`` and the number of
         weight-sharing positions ``S`` (summed over calls).
     """
-    per_call = [_rows_one_call(info, x, g) for x, g in zip(capture.inputs, capture.output_grads)]
+    rows = layer_kind(info).rows
+    per_call = [rows(info, x, g) for x, g in zip(capture.inputs, capture.output_grads)]
     a = torch.cat([p[0] for p in per_call], 1) if len(per_call) > 1 else per_call[0][0]
     g = torch.cat([p[1] for p in per_call], 1) if len(per_call) > 1 else per_call[0][1]
     N, S = a.shape[0], a.shape[1]
@@ -113,6 +56,38 @@ def layer_rows(info: LayerInfo, capture: LayerCapture, kfac_approx: str):
     if info.bias is not None:
         a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
     return a, g, N, S
+
+
+def _meta(t: Tensor) -> Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+def batch_and_positions(info: LayerInfo, capture: LayerCapture) -> tuple[int, int]:
+    """(N, S) of :func:`layer_rows`, from the kind's rows of 'meta' copies (no arithmetic)."""
+    rows = layer_kind(info).rows
+    shapes = [rows(info, _meta(x), _meta(g))[0].shape
+              for x, g in zip(capture.inputs, capture.output_grads)]
+    return shapes[0][0], sum(s[1] for s in shapes)
+
+
+def _call_groups(info: LayerInfo, capture: LayerCapture) -> list[LayerCapture]:
+    """The calls of one pass, grouped by batch size (first appearance order).
+
+    Calls with one batch size pool as weight-sharing positions; calls with another
+    (``l1(model(x_lab)) + l2(model(x_unlab))``) are separate loss terms (ALGORITHM.md).
+    The batch sizes come from the kind's rows of 'meta' copies (no arithmetic).
+    """
+    rows = layer_kind(info).rows
+    groups: dict[int, list[int]] = {}
+    for i, (x, g) in enumerate(zip(capture.inputs, capture.output_grads)):
+        groups.setdefault(rows(info, _meta(x), _meta(g))[0].shape[0], []).append(i)
+    if len(groups) == 1:
+        return [capture]
+    return [
+        LayerCapture(tuple(capture.inputs[i] for i in idx),
+                     tuple(capture.output_grads[i] for i in idx))
+        for idx in groups.values()
+    ]
 
 
 def loss_scale(loss_average, N: int, S: int):
@@ -141,18 +116,11 @@ class StatisticsPart(NamedTuple):
     loss_terms: Any
 
 
-def _positions(info: LayerInfo, g: Tensor) -> int:
-    """Weight-sharing positions of one (batched) call, from its output gradient's shape."""
-    return math.prod(g.shape[1:-1]) if info.kind == "linear" else math.prod(g.shape[2:])
-
-
 def part_counts(info: LayerInfo, capture: LayerCapture, kfac_approx: str, loss_average):
     """(R, c) of :class:`StatisticsPart`, from the tensor shapes only (no rows are built)."""
     rows, terms = 0, 0.0
     for grp in _call_groups(info, capture):
-        calls = [_batched(info, x, g) for x, g in zip(grp.inputs, grp.output_grads)]
-        N = calls[0][0].shape[0]
-        S = sum(_positions(info, g) for _, g in calls)
+        N, S = batch_and_positions(info, grp)
         rows += N * S if kfac_approx == "expand" else N
         terms = terms + loss_scale(loss_average, N, S)
     return rows, terms
@@ -196,6 +164,11 @@ def layer_part(
     H_K is the mean over all their a-rows, H_C the sum of each group's c_j sum g g^T
     (ALGORITHM.md). An empty batch gives zero statistics with ``rows == 0``.
     """
+    own = layer_kind(info).statistics
+    if own is not None:  # a kind-specific statistic (e.g. token counts of an embedding)
+        stats = own(info, K, C, capture, kfac_approx=kfac_approx, loss_average=loss_average,
+                    grad_scale=grad_scale)
+        return StatisticsPart(stats, *part_counts(info, capture, kfac_approx, loss_average))
     Kw, Cw = _wide(K), _wide(C)
     sums = []
     for grp in _call_groups(info, capture):

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import structures as _structures
 from .combine import GradientTransformation
 from .factors import Factors, update_factors
-from .layers import LayerInfo
+from .layers import LayerInfo, layer_kind
 from .precondition import (
     layer_gradient_matrix,
     natural_gradient,
@@ -103,7 +103,8 @@ def resolve_structures(layers, structures) -> dict[str, tuple[type, type]]:
     """Per layer name, the structure types of (K, C).
 
     ``structures`` is a pair of names for every layer, or a mapping from layer name to
-    such a pair (layers not in it get ``("dense", "dense")``).
+    such a pair (layers not in it get ``("dense", "dense")``); a side that the layer's
+    kind forces (:attr:`~singd_functional.layers.LayerKind.structures`) overrides it.
     """
     out = {}
     for info in layers:
@@ -117,6 +118,8 @@ def resolve_structures(layers, structures) -> dict[str, tuple[type, type]]:
                 f"structures must be a pair (K structure, C structure), got {pair!r} "
                 f"for layer {info.name!r}"
             )
+        forced = layer_kind(info).structures  # e.g. an embedding's diagonal K
+        pair = tuple(f if f is not None else p for f, p in zip(forced, pair))
         out[info.name] = (_structures.get(pair[0]), _structures.get(pair[1]))
     return out
 
@@ -247,10 +250,11 @@ def singd(
         missing = [info.name for info in layers if info.name not in captures]
         if missing:
             raise ValueError(
-                f"captures are missing layers {missing}: each layer in `layers` must be "
-                "called in the forward pass. Drop unused layers from `layers` (e.g. "
-                "`[l for l in layers if l.name != ...]`) or pass captures=None to skip "
-                "the factor update this step"
+                f"captures are missing layers {missing}: the forward pass did not call "
+                "their modules (a capture sees a layer when its module is called; a weight "
+                "used directly, as in F.linear(x, m.weight), is not seen). Call the module, "
+                "or leave a layer that this forward really never uses out of `layers`; "
+                "captures=None skips the factor update this step"
             )
         parts = {
             info.name: layer_part(

@@ -102,7 +102,8 @@ def test_fx_capture_equals_hook_capture(kind):
 
 
 def test_fx_capture_edge_cases():
-    """Unused parameters get zero gradients; untraceable models: a clear error, or hooks."""
+    """Uncovered layers and untraceable models: a clear error with fx, a warning and
+    hooks with auto; parameters the traced forward never reads get zero gradients."""
 
     class Unused(nn.Module):
         def __init__(self):
@@ -127,8 +128,17 @@ def test_fx_capture_edge_cases():
     layers = sf.find_layers(model)
     params = dict(model.named_parameters())
     a = sf.make_capture(model, loss_fn, layers, method="hooks")(params, x, y)
-    b = sf.make_capture(model, loss_fn, layers, method="fx")(params, x, y)
-    assert a[2].keys() == b[2].keys() == {"used"}
+    assert a[2].keys() == {"used"}
+    # fx: the traced calls must cover every requested layer, and `spare` is never called
+    with pytest.raises(ValueError, match=r"never calls the modules of layers \['spare'\]"):
+        sf.make_capture(model, loss_fn, layers, method="fx")
+    with pytest.warns(UserWarning, match=r"method='auto'.*\['spare'\].*using forward hooks"):
+        assert sf.make_capture(model, loss_fn, layers).method == "hooks"
+    used = [info for info in layers if info.name == "used"]
+    fx = sf.make_capture(model, loss_fn, used, method="fx")
+    assert fx.method == "fx"
+    b = fx(params, x, y)
+    assert b[2].keys() == {"used"}
     for k in params:
         assert torch.equal(a[1][k], b[1][k])
     assert not b[1]["spare.weight"].any()
@@ -136,7 +146,9 @@ def test_fx_capture_edge_cases():
     model = Untraceable()
     with pytest.raises(ValueError, match="could not trace"):
         sf.make_capture(model, loss_fn, sf.find_layers(model), method="fx")
-    capture = sf.make_capture(model, loss_fn, sf.find_layers(model))  # auto: hooks
+    with pytest.warns(UserWarning, match="could not trace"):
+        capture = sf.make_capture(model, loss_fn, sf.find_layers(model))  # auto: hooks
+    assert capture.method == "hooks"
     assert capture(dict(model.named_parameters()), x, y)[2]["lin"].inputs[0] is x
     with pytest.raises(ValueError, match="method must be one of"):
         sf.make_capture(model, loss_fn, sf.find_layers(model), method="jit")

@@ -151,9 +151,13 @@ def test_explicit_unsupported_params_get_identity_heavy_ball():
     """Passed explicitly, LayerNorm and a bare parameter get SINGD's identity-preconditioned step."""
     loss_fn = make_loss("batch")
     model = WithUnsupported().double()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         opt = sf.SINGD(model, model.parameters(), **BASE)
+    # one warning, naming exactly the parameters without preconditioner
+    named = [sorted(str(w.message).split("momentum): ")[1].split(". ")[0].split(", "))
+             for w in caught]
+    assert named == [["norm.bias", "norm.weight", "temperature"]]
     train(model, opt, "mlp", 6, loss_fn)
 
     ref = WithUnsupported().double()
