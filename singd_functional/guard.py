@@ -121,10 +121,7 @@ def skip_nonfinite(tx: GradientTransformation) -> GradientTransformation:
             [*optree.tree_leaves(new_updates), *(n for n, _ in changed)],
             device=state.skipped.device,
         )
-        safe_updates = optree.tree_map(
-            lambda u: torch.where(ok, u, torch.zeros((), dtype=u.dtype, device=u.device)),
-            new_updates,
-        )
+        safe_updates = optree.tree_map(lambda u: zero_where_not(ok, u), new_updates)
         skipped = ~ok
         return safe_updates, SkipNonfiniteState(
             select(ok, new_inner, state.inner), skipped, state.skipped_steps + skipped
