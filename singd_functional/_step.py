@@ -42,7 +42,8 @@ def step(optimizer) -> None:
     ``lr_cov(t)`` and lives on the host, which cannot know the verdict without waiting).
 
     Groups without statistics this step: the verdict is known before their update, so
-    it enters as numbers: gradients zeroed (``guard.zero_where_not``), lr and weight
+    it enters as numbers: gradients zeroed in place (``guard.zero_where_not_``; the
+    ``p.grad`` of a skipped step reads 0 afterwards), lr and weight
     decay times ok, momentum 1 where not ok; then v <- 1 v + 0 and the update -0 v
     leave everything as it was, at the cost of one check and two cheap passes over the
     gradients. Groups with statistics update first, as usual; the verdict then also
@@ -252,7 +253,8 @@ def _update(plan: _Plan, group: dict, grad_scale, gate: Tensor | None):
     hp = hyperparams(plan.grp, group, due=bool(plan.statistics))
     grads = plan.grads
     if gate is not None:
-        grads = {k: guard.zero_where_not(gate, g) for k, g in grads.items()}
+        # in place: finite gradients stay bit for bit, those of a skipped step become 0
+        grads = {k: guard.zero_where_not_(gate, g) for k, g in grads.items()}
         wide = gate.to(torch.float64)
         hp = hp._replace(
             lr=hp.lr * wide,
@@ -283,7 +285,7 @@ def _apply(optimizer, plan: _Plan, updates, new: SINGDState, ok: Tensor | None,
     if ok is not None:
         keep = {n: ok if k is None else ok & k for n, k in keep.items()}
         new = new._replace(velocity=guard.select(ok, new.velocity, old.velocity))
-        updates = {k: guard.zero_where_not(ok, u) for k, u in updates.items()}
+        updates = {k: guard.zero_where_not_(ok, u) for k, u in updates.items()}  # ours
     if any(k is not None for k in keep.values()):
         def pick(tree, old_tree):
             return {n: guard.select(keep[n], t, old_tree[n])

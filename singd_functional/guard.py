@@ -140,6 +140,12 @@ def zero_where_not(ok: Tensor, t: Tensor) -> Tensor:
     return torch.nan_to_num(t).mul_(ok.to(t.dtype))
 
 
+def zero_where_not_(ok: Tensor, t: Tensor) -> Tensor:
+    """:func:`zero_where_not` in place (no allocation: a fresh tensor of a big parameter's
+    size costs its page faults, about twice the two passes, measured on the CPU)."""
+    return torch.nan_to_num_(t).mul_(ok.to(t.dtype))
+
+
 class SkipCounter:
     """The drop-in face's count of skipped steps, kept on the device, warned about once.
 
