@@ -117,7 +117,7 @@ def _tensors(obj, seen: set[int]) -> Iterator[Tensor]:
         for _, t in obj.named_tensors():
             yield from _tensors(t, seen)
     else:
-        leaves = optree.tree_leaves(obj, none_is_leaf=False)
+        leaves = optree.tree_leaves(obj, none_is_leaf=False, namespace=sf.PYTREE_NAMESPACE)
         if len(leaves) != 1 or leaves[0] is not obj:
             for leaf in leaves:
                 yield from _tensors(leaf, seen)

@@ -258,9 +258,11 @@ print({k: f"{u.norm():.2e}" for k, u in updates.items()})
 
 The caller decides when to pay for statistics: pass `captures` every `T` steps and
 `captures=None` in between. Hyperparameters can change per call with
-`sf.HyperParams(...)` (floats or 0-d tensors), so a schedule costs nothing. Anything that
-fits the `init`/`update` protocol composes with `sf.chain`: here gradients are clipped
-before SINGD sees them.
+`sf.HyperParams(...)` (floats or 0-d tensors), so a schedule costs nothing. One
+`HyperParams` reaches every transform that reads the field (`HyperParams(lr=0.0)`
+freezes SINGD's parameters and the fallback's); the per-label form below gives SINGD
+and the AdamW fallback their own cosine. Anything that fits the `init`/`update`
+protocol composes with `sf.chain`: here gradients are clipped before SINGD sees them.
 """),
     code('''
 tx = sf.chain(
@@ -278,7 +280,7 @@ def train_step(params, state, x, y, t):
     updates, state = tx.update(
         grads, state, params,
         captures=captures if t % T == 0 else None,
-        hyperparams=sf.HyperParams(lr=lr),
+        hyperparams={"singd": sf.HyperParams(lr=lr), "fallback": sf.HyperParams(lr=lr / 50)},
     )
     return sf.apply_updates(params, updates), state, loss
 
@@ -293,14 +295,17 @@ for epoch in range(4):
 '''),
     md("""
 `sf.masked(inner, keys)` applies a transform to some entries only, e.g. weight decay
-on the weights but not on the biases and norms. `sf.sgd` and `sf.adamw` are the
-first-order rules of `torch.optim` in the same protocol.
+on the weights but not on the biases and norms (`sf.add_decayed_weights` is that
+transform; written out here to show the protocol: an `update` declares its keyword
+extras in the third field, none here). `sf.sgd` and `sf.adamw` are the first-order
+rules of `torch.optim` in the same protocol, and `sf.partition` sends each parameter to
+the transform of its label.
 """),
     code('''
 def weight_decay(rate):
     return sf.GradientTransformation(
         lambda params: (),
-        lambda updates, state, params, **_: ({k: u + rate * params[k] for k, u in updates.items()}, state),
+        lambda updates, state, params=None: ({k: u + rate * params[k] for k, u in updates.items()}, state),
     )
 
 
@@ -454,6 +459,7 @@ import time
 
 import optree
 
+import singd_functional as sf
 from singd_functional import SINGD, structures
 
 
@@ -463,7 +469,7 @@ def make_model():
 
 
 def state_bytes(opt):
-    leaves = optree.tree_leaves(list(opt.state.values()))
+    leaves = optree.tree_leaves(list(opt.state.values()), namespace=sf.PYTREE_NAMESPACE)
     return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
 
 

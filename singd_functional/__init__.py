@@ -7,7 +7,7 @@ The data path, one module per stage::
     statistics.py   layer_statistics(...)         H_K, H_C
     factors.py      update_factors(...)           K, C, m_K, m_C
     precondition.py natural_gradient(...)         C C^T G K K^T
-    transform.py    singd(...) -> (init, update)  the pure core
+    transform.py    singd(...) -> (init, update)  the pure core: a chain of primitives
     guard.py        skip_nonfinite(tx)            a non-finite step changes nothing
 
 Faces over that core: :class:`SINGD` (``optim.py``, a torch.optim.Optimizer) and the
@@ -15,23 +15,34 @@ vmapped sweeps (``sweep.py``).
 """
 
 from . import guard, structures
+from ._pytree import PYTREE_NAMESPACE
 from .capture import LayerCapture, make_capture
 from .combine import (
     GradientTransformation,
     apply_updates,
     chain,
-    clip_by_global_norm,
     masked,
+    partition,
     scale_by_schedule,
 )
 from .factors import Factors
-from .fallbacks import adamw, sgd
+from .fallbacks import (
+    AdamWState,
+    TraceState,
+    adamw,
+    add_decayed_weights,
+    clip_by_global_norm,
+    scale_by_learning_rate,
+    sgd,
+    trace,
+)
 from .guard import SkipNonfiniteState, skip_nonfinite
+from .hyperparams import HyperParams
 from .layers import LayerInfo, LayerKind, describe, find_layers, register_layer_kind
 from .optim import SINGD
 from .statistics import LayerStatistics
 from .sweep import Step, Sweep, SweepState, grid, make_step, make_sweep
-from .transform import HyperParams, SINGDState, singd
+from .transform import KroneckerState, SINGDState, scale_by_kronecker_factors, singd
 
 __version__ = "0.1.0"
 
@@ -57,10 +68,19 @@ __all__ = [
     "apply_updates",
     "chain",
     "masked",
+    "partition",
+    "scale_by_kronecker_factors",
+    "KroneckerState",
+    "add_decayed_weights",
+    "trace",
+    "TraceState",
+    "scale_by_learning_rate",
     "clip_by_global_norm",
     "scale_by_schedule",
     "sgd",
     "adamw",
+    "AdamWState",
+    "PYTREE_NAMESPACE",
     "make_step",
     "Step",
     "make_sweep",

@@ -3,6 +3,24 @@
 `torch.func` (vmap, grad) and `torch.compile` flatten with `torch.utils._pytree`; users
 and our own code use `optree`. A type known to only one of them is an opaque leaf to
 the other, so every container type goes through :func:`register_pytree` once.
+
+optree: our types live in the package's own namespace, :data:`PYTREE_NAMESPACE`
+(``"singd_functional"``, exported as ``sf.PYTREE_NAMESPACE``), as optree's documentation
+asks of libraries. Pass it wherever a tree that holds structured factors is flattened
+or mapped::
+
+    leaves = optree.tree_leaves(state, namespace=sf.PYTREE_NAMESPACE)
+
+Without it optree treats a structured matrix as one leaf (a checkpoint of such
+leaves would not load with ``weights_only=True``).
+
+Private torch APIs this package still uses, and why (no public equivalent in torch 2.13):
+
+- ``torch.utils._pytree`` (here, in ``sweep.py`` and in tests): the registry that
+  ``torch.func.vmap`` / ``grad`` and dynamo flatten with; registering there is the
+  only way for those to see through our types, and under ``torch.compile`` dynamo
+  traces only this implementation (``sweep._tree_map`` switches to it while
+  compiling).
 """
 
 from __future__ import annotations
@@ -15,9 +33,7 @@ import torch.utils._pytree as torch_pytree
 
 T = TypeVar("T", bound=type)
 
-# optree's global namespace is a private sentinel; registering there means plain
-# `optree.tree_map(f, tree)` (no namespace argument) sees through our types.
-_OPTREE_GLOBAL = getattr(optree.registry, "__GLOBAL_NAMESPACE", "singd_functional")
+PYTREE_NAMESPACE = "singd_functional"
 
 
 def register_pytree(
@@ -25,7 +41,8 @@ def register_pytree(
     flatten: Callable[[Any], tuple[list[Any], Any]],
     unflatten: Callable[[Any, list[Any]], Any],
 ) -> T:
-    """Register ``cls`` with optree and torch.utils._pytree.
+    """Register ``cls`` with optree (namespace :data:`PYTREE_NAMESPACE`) and
+    torch.utils._pytree.
 
     Args:
         cls: the container type.
@@ -36,7 +53,7 @@ def register_pytree(
         cls,
         flatten,
         lambda ctx, children: unflatten(ctx, list(children)),
-        namespace=_OPTREE_GLOBAL,
+        namespace=PYTREE_NAMESPACE,
     )
     torch_pytree.register_pytree_node(
         cls,

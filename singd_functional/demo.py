@@ -210,7 +210,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in ``optimizer.state`` (structured factors included)."""
-    leaves = optree.tree_leaves(list(optimizer.state.values()))
+    leaves = optree.tree_leaves(list(optimizer.state.values()), namespace=sf.PYTREE_NAMESPACE)
     return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, Tensor))
 
 

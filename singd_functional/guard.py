@@ -30,7 +30,8 @@ import optree
 import torch
 from torch import Tensor
 
-from .combine import GradientTransformation
+from ._pytree import PYTREE_NAMESPACE
+from .combine import GradientTransformation, unknown_extras
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -74,9 +75,13 @@ def all_finite(tensors: Iterable[Tensor], device: torch.device | None = None) ->
     return ok
 
 
+def _leaves(tree: Any) -> list:
+    return optree.tree_leaves(tree, namespace=PYTREE_NAMESPACE)  # through our structures
+
+
 def changed_leaves(new: Any, old: Any) -> list[tuple[Tensor, Tensor]]:
     """``(new, old)`` leaf pairs of two same-shaped pytrees that are not the same object."""
-    new_leaves, old_leaves = optree.tree_leaves(new), optree.tree_leaves(old)
+    new_leaves, old_leaves = _leaves(new), _leaves(old)
     return [
         (n, o) for n, o in zip(new_leaves, old_leaves)
         if isinstance(n, Tensor) and n is not o
@@ -91,22 +96,24 @@ def select(ok: Tensor, new: Any, old: Any) -> Any:
             return n
         return torch.where(ok, n, o)
 
-    return optree.tree_map(pick, new, old)
+    return optree.tree_map(pick, new, old, namespace=PYTREE_NAMESPACE)
 
 
 def skip_nonfinite(tx: GradientTransformation) -> GradientTransformation:
     """Wrap ``tx`` so that an update with a non-finite result changes nothing.
 
-    ``update(updates, state, params, **extra)`` runs ``tx.update`` with the same
-    arguments. When its updates or the state leaves it changed hold a NaN or an inf,
-    the returned updates are zeros and the inner state is the old one (counter
-    included); ``state.skipped`` says so and ``state.skipped_steps`` counts it.
+    ``update(updates, state, params, **extras)`` runs ``tx.update`` with the same
+    arguments; it declares ``tx``'s extras and hyperparameters (so it composes in
+    ``chain`` and ``partition`` like ``tx``) and refuses others. When its updates or
+    the state leaves it changed hold a NaN or an inf, the returned updates are zeros
+    and the inner state is the old one (counter included); ``state.skipped`` says so
+    and ``state.skipped_steps`` counts it.
     Decided on the device (module docstring), so no step waits for the host.
     """
 
     def init(params):
         inner = tx.init(params)
-        leaves = [t for t in optree.tree_leaves(params) if isinstance(t, Tensor)]
+        leaves = [t for t in _leaves(params) if isinstance(t, Tensor)]
         device = leaves[0].device if leaves else None
         return SkipNonfiniteState(
             inner,
@@ -114,20 +121,24 @@ def skip_nonfinite(tx: GradientTransformation) -> GradientTransformation:
             torch.zeros((), dtype=torch.int64, device=device),
         )
 
-    def update(updates, state: SkipNonfiniteState, params=None, **extra):
-        new_updates, new_inner = tx.update(updates, state.inner, params, **extra)
+    def update(updates, state: SkipNonfiniteState, params=None, **extras):
+        if set(extras) - tx.extras:
+            raise unknown_extras(extras, tx.extras, "skip_nonfinite(tx).update")
+        new_updates, new_inner = tx.update(updates, state.inner, params, **extras)
         changed = changed_leaves(new_inner, state.inner)
         ok = all_finite(
-            [*optree.tree_leaves(new_updates), *(n for n, _ in changed)],
+            [*_leaves(new_updates), *(n for n, _ in changed)],
             device=state.skipped.device,
         )
-        safe_updates = optree.tree_map(lambda u: zero_where_not(ok, u), new_updates)
+        safe_updates = optree.tree_map(lambda u: zero_where_not(ok, u), new_updates,
+                                      namespace=PYTREE_NAMESPACE)
         skipped = ~ok
         return safe_updates, SkipNonfiniteState(
             select(ok, new_inner, state.inner), skipped, state.skipped_steps + skipped
         )
 
-    return GradientTransformation(init, update)
+    # the same extras and hyperparameters as the wrapped transform (combine.py's contract)
+    return GradientTransformation(init, update, tx.extras, tx.hyperparams)
 
 
 def zero_where_not(ok: Tensor, t: Tensor) -> Tensor:

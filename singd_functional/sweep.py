@@ -77,8 +77,9 @@ import torch
 import torch.utils._pytree as torch_pytree
 from torch import Tensor
 
+from ._pytree import PYTREE_NAMESPACE
 from .combine import GradientTransformation, apply_updates
-from .transform import HyperParams
+from .hyperparams import HyperParams
 
 _FIELDS = HyperParams._fields
 
@@ -88,13 +89,13 @@ def _tree_leaves(tree: Any) -> list:
     # torch.utils._pytree. Our containers are registered with both.
     if torch.compiler.is_compiling():
         return torch_pytree.tree_leaves(tree)
-    return optree.tree_leaves(tree, none_is_leaf=True)
+    return optree.tree_leaves(tree, none_is_leaf=True, namespace=PYTREE_NAMESPACE)
 
 
 def _tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
     if torch.compiler.is_compiling():
         return torch_pytree.tree_map(fn, tree, *rest)
-    return optree.tree_map(fn, tree, *rest, none_is_leaf=True)
+    return optree.tree_map(fn, tree, *rest, none_is_leaf=True, namespace=PYTREE_NAMESPACE)
 
 
 class SweepState(NamedTuple):
@@ -103,14 +104,15 @@ class SweepState(NamedTuple):
     Attributes:
         params: parameter dict, each leaf [N, ...].
         opt_state: the transform's state for every member, each leaf [N, ...].
-        hyperparams: the per-member hyperparameters, name -> [N] tensor (values may
+        hyperparams: the per-member hyperparameters, name -> [N] tensor (per label,
+            ``{label: {name: [N]}}``, when the sweep was given a mapping; values may
             be changed between steps, e.g. a schedule, with ``state._replace``).
         diverged: [N] bool; True for a member stopped after a non-finite step.
     """
 
     params: dict[str, Tensor]
     opt_state: Any
-    hyperparams: dict[str, Tensor]
+    hyperparams: dict[str, Any]
     diverged: Tensor
 
 
@@ -149,14 +151,30 @@ def grid(dtype: torch.dtype = torch.float64, **axes: Sequence[float] | Tensor) -
     return HyperParams(**{n: v[list(c)] for (n, v), c in zip(values.items(), cols)})
 
 
-def _split_hyperparams(hyperparams: HyperParams | None):
-    """(per-member name -> [N] tensor, shared name -> value, N or None)."""
+def _split_hyperparams(hyperparams: HyperParams | Mapping[str, HyperParams] | None):
+    """(per-member name -> [N] tensor, shared name -> value, N or None).
+
+    For a mapping label -> HyperParams (a partition, ``singd(fallback=)``): both dicts
+    are per label, ``{label: {name: ...}}``.
+    """
     if hyperparams is None:
         return {}, {}, None
+    if isinstance(hyperparams, Mapping):
+        parts = {label: _split_one(hp, f"{label}.") for label, hp in hyperparams.items()}
+        member = {label: m for label, (m, _, _) in parts.items() if m}
+        shared = {label: sh for label, (_, sh, _) in parts.items()}
+        sizes = {label: n for label, (_, _, n) in parts.items() if n is not None}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"per-member hyperparameters must have one length N, got {sizes}")
+        return member, shared, (next(iter(sizes.values())) if sizes else None)
+    return _split_one(hyperparams, "")
+
+
+def _split_one(hyperparams: HyperParams, prefix: str):
     if not isinstance(hyperparams, HyperParams):
         raise TypeError(
-            "hyperparams must be a sf.HyperParams (e.g. sf.grid(lr=[...])), got "
-            f"{type(hyperparams).__name__}"
+            "hyperparams must be a sf.HyperParams (e.g. sf.grid(lr=[...])) or a mapping "
+            f"label -> HyperParams, got {type(hyperparams).__name__}"
         )
     member, shared = {}, {}
     for name, value in hyperparams._asdict().items():
@@ -164,15 +182,18 @@ def _split_hyperparams(hyperparams: HyperParams | None):
             continue
         if isinstance(value, Tensor) and value.dim() == 1:
             if value.is_floating_point() and bool((value < 0).any()):
-                raise ValueError(f"{name} must be >= 0 for every member, got {value.tolist()}")
+                raise ValueError(
+                    f"{prefix}{name} must be >= 0 for every member, got {value.tolist()}"
+                )
             member[name] = value
         elif isinstance(value, Tensor) and value.dim() > 1:
             raise ValueError(
-                f"{name}: give one value per member (a 1-D tensor), got shape {tuple(value.shape)}"
+                f"{prefix}{name}: give one value per member (a 1-D tensor), got shape "
+                f"{tuple(value.shape)}"
             )
         else:
             shared[name] = value  # a float, a 0-d tensor or an lr_cov schedule
-    sizes = {name: v.shape[0] for name, v in member.items()}
+    sizes = {prefix + name: v.shape[0] for name, v in member.items()}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"per-member hyperparameters must have one length N, got {sizes}")
     return member, shared, (next(iter(sizes.values())) if sizes else None)
@@ -353,7 +374,7 @@ class Sweep(NamedTuple):
 def make_sweep(
     tx: GradientTransformation,
     capture: Callable[..., Any],
-    hyperparams: HyperParams | None = None,
+    hyperparams: HyperParams | Mapping[str, HyperParams] | None = None,
     *,
     num_members: int | None = None,
     batch_axis: int | None | tuple[int | None, ...] = None,
@@ -370,7 +391,11 @@ def make_sweep(
             it with ``record_layers=False``).
         hyperparams: per field, a 1-D tensor of N values (one per member), or a
             float / 0-d tensor / ``lr_cov`` schedule shared by all. :func:`grid`
-            builds the product of value lists. ``alpha1`` can be swept only if ``tx``
+            builds the product of value lists. One HyperParams reaches every
+            transform of ``tx`` that reads the field (the ``fallback``'s too); a
+            mapping label -> HyperParams (e.g. ``{"singd": g, "fallback":
+            g._replace(lr=g.lr / 10)}``) gives each part of a partition its own, and
+            ``state.hyperparams`` is then per label. ``alpha1`` can be swept only if ``tx``
             keeps Riemannian momenta (built with ``alpha1 > 0``, not ``kfac_like``).
         num_members: N, when no hyperparameter varies (members differ by their
             initial parameters only); else taken from ``hyperparams``.
@@ -385,6 +410,7 @@ def make_sweep(
         A :class:`Sweep` ``(init, step, plain_step)`` (plus ``run`` and ``compile``).
     """
     member_hp, shared_hp, n_hp = _split_hyperparams(hyperparams)
+    labelled = isinstance(hyperparams, Mapping)
     if n_hp is not None and num_members is not None and n_hp != num_members:
         raise ValueError(f"num_members={num_members} but the hyperparameters have {n_hp} values")
     size = n_hp if n_hp is not None else num_members
@@ -412,9 +438,11 @@ def make_sweep(
                 )
             n = size
             params = {k: v.unsqueeze(0).expand(n, *v.shape).clone() for k, v in params.items()}
-        opt_state = optree.tree_map(_contiguous, torch.func.vmap(tx.init)(params))
+        opt_state = optree.tree_map(
+            _contiguous, torch.func.vmap(tx.init)(params), namespace=PYTREE_NAMESPACE
+        )
         ref = next(iter(params.values()))
-        hp = {k: v.to(ref.device) for k, v in member_hp.items()}
+        hp = _tree_map(lambda v: v.to(ref.device), member_hp)
         diverged = torch.zeros(n, dtype=torch.bool, device=ref.device)
         return SweepState(params, opt_state, hp, diverged)
 
@@ -423,7 +451,13 @@ def make_sweep(
     def member_step(params, opt_state, hp, *batch, with_statistics: bool):
         """One member's step of the core (no masking)."""
         fn = single.step if with_statistics else single.plain_step
-        return fn(params, opt_state, *batch, hyperparams=HyperParams(**shared_hp, **hp))
+        if labelled:
+            given = {
+                label: HyperParams(**sh, **hp.get(label, {})) for label, sh in shared_hp.items()
+            }
+        else:
+            given = HyperParams(**shared_hp, **hp)
+        return fn(params, opt_state, *batch, hyperparams=given)
 
     def masked_member_step(params, opt_state, hp, diverged, *batch, with_statistics: bool):
         """``member_step`` with the divergence mask, all inside vmap (for torch.compile,
@@ -463,14 +497,19 @@ def make_sweep(
             # several times faster than vmap's own pytree handling), returns only the
             # tensors the step changed, and the mask is applied after it, on the
             # stacked tensors (a few ops over [N, ...] instead of batched ops per leaf).
-            leaves, spec = optree.tree_flatten((state.params, state.opt_state, state.hyperparams))
-            n_state = optree.tree_structure((state.params, state.opt_state)).num_leaves
+            leaves, spec = optree.tree_flatten(
+                (state.params, state.opt_state, state.hyperparams), namespace=PYTREE_NAMESPACE
+            )
+            structure = optree.tree_structure(
+                (state.params, state.opt_state), namespace=PYTREE_NAMESPACE
+            )
+            n_state = structure.num_leaves
             changed: list[bool] = []
 
             def flat(leaves, *batch):
                 params, opt_state, hp = optree.tree_unflatten(spec, leaves)
                 new = member_step(params, opt_state, hp, *batch, with_statistics=with_statistics)
-                new_leaves = optree.tree_leaves(new[:2])
+                new_leaves = optree.tree_leaves(new[:2], namespace=PYTREE_NAMESPACE)
                 changed[:] = [n is not o for n, o in zip(new_leaves, leaves)]
                 return [n for n, c in zip(new_leaves, changed) if c], new[2]
 
@@ -485,9 +524,7 @@ def make_sweep(
             else:
                 kept = iter([_where_members(ok, n, o) for n, o in zip(outs, olds)])
             new_leaves = [next(kept) if c else o for o, c in zip(leaves[:n_state], changed)]
-            params, opt_state = optree.tree_unflatten(
-                optree.tree_structure((state.params, state.opt_state)), new_leaves
-            )
+            params, opt_state = optree.tree_unflatten(structure, new_leaves)
             loss = torch.where(state.diverged, torch.full_like(loss, math.nan), loss)
             new = SweepState(params, opt_state, state.hyperparams, state.diverged | ~finite)
             return new, loss

@@ -1,8 +1,18 @@
-"""Stage 6: the pure SINGD transform, ``singd(...) -> GradientTransformation``.
+"""Stage 6: SINGD as a chain of primitives, ``singd(...) -> GradientTransformation``.
 
 It strings the stages together: statistics (from captures) -> factor update ->
-preconditioned step -> heavy-ball updates. Both public faces (the stateful
-:class:`~singd_functional.SINGD` and the vmapped sweeps) call this one function.
+preconditioned step (:func:`scale_by_kronecker_factors`), then the first-order
+primitives of :mod:`~singd_functional.fallbacks`::
+
+    singd(layers, ...) == chain(scale_by_kronecker_factors(layers, ...),
+                                add_decayed_weights(weight_decay),
+                                trace(momentum),
+                                scale_by_learning_rate(lr))
+
+(partitioned with ``fallback`` for the parameters outside ``layers``). ``singd`` calls
+the same step functions as that chain, with one flat state (:class:`SINGDState`) that
+both public faces (the stateful :class:`~singd_functional.SINGD` and the vmapped
+sweeps) read by name, and one Python pass per step.
 """
 
 from __future__ import annotations
@@ -15,8 +25,16 @@ import torch
 from torch import Tensor
 
 from . import structures as _structures
-from .combine import GradientTransformation
+from .combine import (
+    GradientTransformation,
+    require_params,
+    takes_labels,
+    unknown_extras,
+    warn_if_tracked,
+)
 from .factors import Factors, update_factors
+from .fallbacks import _check_velocity, _decayed, _heavy_ball, _scaled
+from .hyperparams import HyperParams, Number, reader, reject_foreign, restrict
 from .layers import LayerInfo, layer_kind
 from .precondition import (
     layer_gradient_matrix,
@@ -27,34 +45,25 @@ from .precondition import (
 from .statistics import KFAC_APPROXES, LOSS_AVERAGES, LayerStatistics, layer_part
 from .structures import StructuredMatrix
 
-Number = float | Tensor
+__all__ = [
+    "HyperParams",
+    "KroneckerState",
+    "SINGDState",
+    "resolve_structures",
+    "scale_by_kronecker_factors",
+    "singd",
+]
+
+_KRON_EXTRAS = frozenset({"captures", "statistics", "grad_scale", "hyperparams"})
 
 
-class HyperParams(NamedTuple):
-    """Numeric hyperparameters; each a float or a 0-d tensor (None: keep the default).
-
-    Pass to ``tx.update(..., hyperparams=HyperParams(lr=...))`` to override per call:
-    schedules cost nothing and ``torch.func.vmap`` can sweep them.
-    """
-
-    lr: Number | None = None
-    momentum: Number | None = None
-    damping: Number | None = None
-    alpha1: Number | None = None
-    weight_decay: Number | None = None
-    lr_cov: Number | Callable | None = None
-
-
-class SINGDState(NamedTuple):
-    """State of :func:`singd`.
+class KroneckerState(NamedTuple):
+    """State of :func:`scale_by_kronecker_factors`.
 
     Attributes:
         count: step counter t (0-d int64 tensor).
         factors: per layer name, :class:`Factors` (K [d_K x d_K], C [d_C x d_C]).
         momenta: per layer name, Factors (m_K, m_C); empty when alpha1 == 0 or IKFAC.
-        velocity: heavy-ball buffer per parameter key (layer parameters, and the rest
-            unless a ``fallback`` transform handles them).
-        fallback: the fallback transform's state, or ``()``.
         products: per layer name, the cached ``{"K": K K^T, "C": C C^T}`` (only the
             structures closed under that product; empty without
             ``cache_preconditioner``).
@@ -63,15 +72,26 @@ class SINGDState(NamedTuple):
     count: Tensor
     factors: dict[str, Factors]
     momenta: dict[str, Factors]
-    velocity: dict[str, Tensor]
-    fallback: Any
     products: dict[str, dict[str, StructuredMatrix]] = {}  # noqa: RUF012 (never mutated)
 
 
-def _check_nonnegative(hp: Mapping[str, Any]) -> None:
-    for name, value in hp.items():
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+class SINGDState(NamedTuple):
+    """State of :func:`singd`: the :class:`KroneckerState` fields, the heavy-ball
+    buffer and the fallback's state, flat.
+
+    Attributes:
+        count, factors, momenta, products: as in :class:`KroneckerState`.
+        velocity: heavy-ball buffer per parameter key (layer parameters, and the rest
+            unless a ``fallback`` transform handles them).
+        fallback: the fallback transform's state, or ``()``.
+    """
+
+    count: Tensor
+    factors: dict[str, Factors]
+    momenta: dict[str, Factors]
+    velocity: dict[str, Tensor]
+    fallback: Any
+    products: dict[str, dict[str, StructuredMatrix]] = {}  # noqa: RUF012 (never mutated)
 
 
 def _check_loss_average(loss_average) -> None:
@@ -88,18 +108,9 @@ def _check_loss_average(loss_average) -> None:
     )
 
 
-def _heavy_ball(v: Tensor, d: Tensor, p: Tensor, momentum, weight_decay) -> Tensor:
-    """v <- momentum v + d + weight_decay p, with fused ops when hyperparameters are floats."""
-    if isinstance(weight_decay, (int, float)):
-        step = d if weight_decay == 0 else torch.add(d, p, alpha=weight_decay)
-    else:
-        step = d + p * weight_decay
-    if isinstance(momentum, (int, float)):
-        return torch.add(step, v, alpha=momentum)
-    return torch.addcmul(step, v, momentum)  # one pass, as with a float momentum
-
-
-def resolve_structures(layers, structures) -> dict[str, tuple[type, type]]:
+def resolve_structures(
+    layers, structures
+) -> dict[str, tuple[type[StructuredMatrix], type[StructuredMatrix]]]:
     """Per layer name, the structure types of (K, C).
 
     ``structures`` is a pair of names for every layer, or a mapping from layer name to
@@ -122,6 +133,204 @@ def resolve_structures(layers, structures) -> dict[str, tuple[type, type]]:
         pair = tuple(f if f is not None else p for f, p in zip(forced, pair))
         out[info.name] = (_structures.get(pair[0]), _structures.get(pair[1]))
     return out
+
+
+def _check_layers(layers: tuple[LayerInfo, ...]) -> None:
+    """One layer per weight: K and C are a property of one weight matrix."""
+    owner: dict[str, str] = {}
+    for info in layers:
+        for key in info.params:
+            if key in owner:
+                raise ValueError(
+                    f"layers {owner[key]!r} and {info.name!r} share the parameter {key!r}; "
+                    "SINGD needs one layer per weight: call one module several times "
+                    "instead of sharing its weight, or drop one of them from `layers`"
+                )
+            owner[key] = info.name
+
+
+class _Kronecker(NamedTuple):
+    """The preconditioning stage as plain functions (shared by the two transforms)."""
+
+    init: Callable[..., KroneckerState]
+    step: Callable[..., tuple[dict[str, Tensor], KroneckerState]]
+    keeps_momenta: bool
+    layer_params: frozenset[str]
+
+
+def _kronecker(
+    layers,
+    alpha1,
+    structures,
+    kfac_approx,
+    loss_average,
+    kfac_like,
+    normalize_lr_cov,
+    preconditioner_dtype,
+    cache_preconditioner,
+) -> _Kronecker:
+    layers = tuple(layers)
+    if kfac_approx not in KFAC_APPROXES:
+        raise ValueError(f"kfac_approx must be one of {KFAC_APPROXES}, got {kfac_approx!r}")
+    _check_loss_average(loss_average)
+    _check_layers(layers)
+    struct_types = resolve_structures(layers, structures)
+    keeps_momenta = not kfac_like and not (isinstance(alpha1, numbers.Real) and alpha1 == 0)
+    dtype_K, dtype_C = preconditioner_dtype
+
+    def init(params: Mapping[str, Tensor]) -> KroneckerState:
+        factors, momenta = {}, {}
+        for info in layers:
+            if info.weight not in params:
+                raise KeyError(
+                    f"layer {info.name!r}: its weight {info.weight!r} is not in params "
+                    f"(keys: {sorted(params)[:8]}...)"
+                )
+            w = params[info.weight]
+            TK, TC = struct_types[info.name]
+            dK, dC = dtype_K or w.dtype, dtype_C or w.dtype
+            factors[info.name] = Factors(
+                TK.eye(info.d_K, dtype=dK, device=w.device),
+                TC.eye(info.d_C, dtype=dC, device=w.device),
+            )
+            if keeps_momenta:
+                momenta[info.name] = Factors(
+                    TK.zeros(info.d_K, dtype=dK, device=w.device),
+                    TC.zeros(info.d_C, dtype=dC, device=w.device),
+                )
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        return KroneckerState(
+            # on the parameters' device: a sweep masks it with the members' flags there
+            count=torch.zeros((), dtype=torch.int64, device=device),
+            factors=factors,
+            momenta=momenta,
+            products={n: outer_products(*f) for n, f in factors.items()}
+            if cache_preconditioner
+            else {},
+        )
+
+    def _statistics(factors, captures, grad_scale):
+        missing = [info.name for info in layers if info.name not in captures]
+        if missing:
+            raise ValueError(
+                f"captures are missing layers {missing}: the forward pass did not call "
+                "their modules (a capture sees a layer when its module is called; a weight "
+                "used directly, as in F.linear(x, m.weight), is not seen). Call the module, "
+                "or leave a layer that this forward really never uses out of `layers`; "
+                "captures=None skips the factor update this step"
+            )
+        parts = {
+            info.name: layer_part(
+                info,
+                *factors[info.name],
+                captures[info.name],
+                kfac_approx=kfac_approx,
+                loss_average=loss_average,
+                grad_scale=grad_scale,
+            )
+            for info in layers
+        }
+        # an empty batch has no statistics: those layers keep their factors this step
+        return {name: part.stats for name, part in parts.items() if part.rows}
+
+    def step(grads, state, keys, captures, statistics, grad_scale, damping, alpha1, lr_cov):
+        """Directions for ``keys`` (C C^T G K K^T on layer parameters, the gradient on
+        the others; divided by ``grad_scale``) and the new KroneckerState."""
+        if captures is not None:
+            statistics = {**_statistics(state.factors, captures, grad_scale), **(statistics or {})}
+        factors, momenta, products = state.factors, state.momenta, state.products
+        if statistics:
+            factors, momenta, products = dict(factors), dict(momenta), dict(products)
+            # a float64 count keeps `0.2 / (1 + t)` exact; int64 would give float32
+            beta = lr_cov(state.count.double()) if callable(lr_cov) else lr_cov
+            for name, stats in statistics.items():
+                if name not in factors:
+                    raise KeyError(f"statistics for unknown layer {name!r}")
+                factors[name], m = update_factors(
+                    factors[name],
+                    momenta.get(name),
+                    stats,
+                    damping=damping,
+                    alpha1=alpha1,
+                    lr_cov=beta,
+                    kfac_like=kfac_like,
+                    normalize_lr_cov=normalize_lr_cov,
+                )
+                if m is not None:
+                    momenta[name] = m
+                if cache_preconditioner:
+                    products[name] = outer_products(*factors[name])
+
+        directions = {k: grads[k] for k in keys}
+        for info in layers:
+            G = layer_gradient_matrix(info, grads)
+            D = natural_gradient(*factors[info.name], G, products.get(info.name))
+            directions.update(split_layer_update(info, D, grads))
+        if not (isinstance(grad_scale, (int, float)) and grad_scale == 1):
+            directions = {k: d / grad_scale for k, d in directions.items()}
+        return directions, KroneckerState(state.count + 1, factors, momenta, products)
+
+    return _Kronecker(init, step, keeps_momenta, frozenset(k for i in layers for k in i.params))
+
+
+def _alpha1_check(keeps_momenta: bool, default, value) -> None:
+    if value is not default and not keeps_momenta:
+        raise ValueError(
+            "this transform keeps no Riemannian momenta (built with alpha1=0 or "
+            "kfac_like=True), so alpha1 cannot be overridden; build it with alpha1 > 0"
+        )
+
+
+def scale_by_kronecker_factors(
+    layers: tuple[LayerInfo, ...],
+    damping: Number = 1e-3,
+    alpha1: Number = 0.5,
+    lr_cov: Number | Callable = 1e-2,
+    structures=("dense", "dense"),
+    kfac_approx: str = "expand",
+    loss_average="batch",
+    kfac_like: bool = False,
+    normalize_lr_cov: bool = False,
+    preconditioner_dtype=(None, None),
+    cache_preconditioner: bool = False,
+) -> GradientTransformation:
+    """SINGD's preconditioning stage: ``u <- C C^T G K K^T / grad_scale`` per layer.
+
+    On steps that come with ``captures`` (or ``statistics``), first H_K, H_C from the
+    captures, then the factor update of K, C, m_K, m_C (``docs/algorithm.md``). The
+    entries of parameters outside ``layers`` pass through (divided by
+    ``grad_scale``). Arguments as in :func:`singd`.
+
+    Returns:
+        ``GradientTransformation`` with ``update(updates, state, params=None, *,
+        captures=None, statistics=None, grad_scale=1.0, hyperparams=None)`` (reads
+        ``damping``, ``alpha1``, ``lr_cov``) and a :class:`KroneckerState`.
+    """
+    alpha1 = 0.0 if kfac_like else alpha1
+    kron = _kronecker(
+        layers, alpha1, structures, kfac_approx, loss_average, kfac_like,
+        normalize_lr_cov, preconditioner_dtype, cache_preconditioner,
+    )  # fmt: skip
+    read, names = reader(frozenset({"alpha1"}), damping=damping, alpha1=alpha1, lr_cov=lr_cov)
+
+    def update(
+        updates,
+        state: KroneckerState,
+        params=None,
+        *,
+        captures=None,
+        statistics: Mapping[str, LayerStatistics] | None = None,
+        grad_scale: Number = 1.0,
+        hyperparams: HyperParams | None = None,
+        **unexpected: Any,
+    ):
+        if unexpected:
+            raise unknown_extras(unexpected, _KRON_EXTRAS, "scale_by_kronecker_factors(...).update")
+        lam, a1, beta = read(hyperparams)
+        _alpha1_check(kron.keeps_momenta, alpha1, a1)
+        return kron.step(updates, state, updates, captures, statistics, grad_scale, lam, a1, beta)
+
+    return GradientTransformation(kron.init, update, _KRON_EXTRAS, names)
 
 
 def singd(
@@ -147,15 +356,21 @@ def singd(
     captures::
 
         H_K, H_C from the captures           (statistics)
-        K, C, m_K, m_C updated               (factors; ALGORITHM.md)
+        K, C, m_K, m_C updated               (factors; docs/algorithm.md)
 
     and on every step::
 
         D = C C^T G K K^T;  step = D + weight_decay W;  v <- momentum v + step
         update = -lr v
 
+    i.e. the chain of :func:`scale_by_kronecker_factors`,
+    :func:`~singd_functional.add_decayed_weights`, :func:`~singd_functional.trace` and
+    :func:`~singd_functional.scale_by_learning_rate`; with ``fallback``, the
+    partition ``{"singd": that chain, "fallback": fallback}`` over layer parameters
+    and the others.
+
     Args:
-        layers: from :func:`~singd_functional.find_layers`.
+        layers: from :func:`~singd_functional.find_layers` (one layer per weight).
         lr, momentum, damping, alpha1, weight_decay: as in the paper (beta2, alpha2,
             lambda, alpha1, gamma); floats or 0-d tensors.
         lr_cov: beta1, a float, 0-d tensor, or a callable of the step counter t (a 0-d
@@ -169,7 +384,9 @@ def singd(
         normalize_lr_cov: rho = (1 - alpha1)/2 and beta / max(1, max|m|).
         preconditioner_dtype: dtypes of (K and m_K, C and m_C); None = weight dtype.
         fallback: transform for parameters outside ``layers``; None: the same
-            heavy-ball step with an identity preconditioner (SGD with momentum).
+            heavy-ball step with an identity preconditioner (SGD with momentum). It
+            gets the gradients divided by ``grad_scale``, the ``hyperparams`` (see
+            below) and the other extras it declares.
         cache_preconditioner: keep K K^T and C C^T between factor updates for the
             structures closed under that product (dense, diagonal, block-diagonal):
             a plain step then costs two structured products per layer instead of
@@ -177,168 +394,110 @@ def singd(
             every T > 1 steps.
 
     Returns:
-        ``GradientTransformation(init, update)`` with
-        ``update(grads, state, params, *, captures=None, hyperparams=None,
-        statistics=None, grad_scale=1.0)``. ``captures=None`` (and no
-        ``statistics``) skips the factor update. ``statistics`` maps layer names to
-        precomputed :class:`~singd_functional.statistics.LayerStatistics` (layers
-        absent from it keep their factors), e.g. accumulated over micro-batches.
+        ``GradientTransformation`` with
+        ``update(grads, state, params, *, captures=None, statistics=None,
+        grad_scale=1.0, hyperparams=None)`` and a :class:`SINGDState`.
+        ``captures=None`` (and no ``statistics``) skips the factor update.
+        ``statistics`` maps layer names to precomputed
+        :class:`~singd_functional.statistics.LayerStatistics` (layers absent from it
+        keep their factors), e.g. accumulated over micro-batches. ``hyperparams`` is
+        one :class:`~singd_functional.HyperParams` for SINGD and the fallback alike
+        (``HyperParams(lr=0.0)`` freezes every parameter; each reads the fields it
+        declares), or ``{"singd": HyperParams(...), "fallback": HyperParams(...)}``.
     """
-    layers = tuple(layers)
-    if kfac_approx not in KFAC_APPROXES:
-        raise ValueError(f"kfac_approx must be one of {KFAC_APPROXES}, got {kfac_approx!r}")
-    _check_loss_average(loss_average)
-    defaults = HyperParams(
-        lr, momentum, damping, 0.0 if kfac_like else alpha1, weight_decay, lr_cov
-    )
-    _check_nonnegative({k: v for k, v in defaults._asdict().items() if not callable(v)})
-    struct_types = resolve_structures(layers, structures)
-    keeps_momenta = not kfac_like and not (isinstance(alpha1, numbers.Real) and alpha1 == 0)
-    dtype_K, dtype_C = preconditioner_dtype
-    layer_params = {k for info in layers for k in info.params}
-
-    def _device(params: Mapping[str, Tensor]) -> torch.device:
-        return next(iter(params.values())).device if params else torch.device("cpu")
+    alpha1 = 0.0 if kfac_like else alpha1
+    read, own_names = reader(
+        frozenset({"momentum", "alpha1"}), lr=lr, momentum=momentum, weight_decay=weight_decay,
+        damping=damping, alpha1=alpha1, lr_cov=lr_cov,
+    )  # fmt: skip
+    kron = _kronecker(
+        layers, alpha1, structures, kfac_approx, loss_average, kfac_like,
+        normalize_lr_cov, preconditioner_dtype, cache_preconditioner,
+    )  # fmt: skip
+    layer_params = kron.layer_params
+    extras = _KRON_EXTRAS | (fallback.extras if fallback is not None else frozenset())
+    names = own_names | (fallback.hyperparams if fallback is not None else frozenset())
+    foreign = tuple(i for i, f in enumerate(HyperParams._fields) if f not in names)
 
     def init(params: Mapping[str, Tensor]) -> SINGDState:
-        factors, momenta = {}, {}
-        for info in layers:
-            if info.weight not in params:
-                raise KeyError(
-                    f"layer {info.name!r}: its weight {info.weight!r} is not in params "
-                    f"(keys: {sorted(params)[:8]}...)"
-                )
-            w = params[info.weight]
-            TK, TC = struct_types[info.name]
-            dK, dC = dtype_K or w.dtype, dtype_C or w.dtype
-            factors[info.name] = Factors(
-                TK.eye(info.d_K, dtype=dK, device=w.device),
-                TC.eye(info.d_C, dtype=dC, device=w.device),
-            )
-            if keeps_momenta:
-                momenta[info.name] = Factors(
-                    TK.zeros(info.d_K, dtype=dK, device=w.device),
-                    TC.zeros(info.d_C, dtype=dC, device=w.device),
-                )
-        others = {k: p for k, p in params.items() if k not in layer_params}
-        owned = params if fallback is None else {k: params[k] for k in params if k in layer_params}
+        warn_if_tracked(params)
+        k = kron.init(params)
+        others = {key: p for key, p in params.items() if key not in layer_params}
+        owned = params
+        if fallback is not None:
+            owned = {key: p for key, p in params.items() if key in layer_params}
         return SINGDState(
-            # on the parameters' device: a sweep masks it with the members' flags there
-            count=torch.zeros((), dtype=torch.int64, device=_device(params)),
-            factors=factors,
-            momenta=momenta,
-            velocity={k: torch.zeros_like(p) for k, p in owned.items()},
+            count=k.count,
+            factors=k.factors,
+            momenta=k.momenta,
+            velocity={key: torch.zeros_like(p) for key, p in owned.items()},
             fallback=() if fallback is None else fallback.init(others),
-            products={n: outer_products(*f) for n, f in factors.items()}
-            if cache_preconditioner
-            else {},
+            products=k.products,
         )
 
-    def _hyperparams(override: HyperParams | None) -> HyperParams:
-        if override is None:
-            return defaults
-        given = {k: v for k, v in override._asdict().items() if v is not None}
-        _check_nonnegative({k: v for k, v in given.items() if not callable(v)})
-        if "alpha1" in given and not keeps_momenta:
-            raise ValueError(
-                "this transform keeps no Riemannian momenta (built with alpha1=0 or "
-                "kfac_like=True), so alpha1 cannot be overridden; build it with alpha1 > 0"
-            )
-        return defaults._replace(**given)
-
-    def _statistics(state, captures, grad_scale):
-        missing = [info.name for info in layers if info.name not in captures]
-        if missing:
-            raise ValueError(
-                f"captures are missing layers {missing}: the forward pass did not call "
-                "their modules (a capture sees a layer when its module is called; a weight "
-                "used directly, as in F.linear(x, m.weight), is not seen). Call the module, "
-                "or leave a layer that this forward really never uses out of `layers`; "
-                "captures=None skips the factor update this step"
-            )
-        parts = {
-            info.name: layer_part(
-                info,
-                *state.factors[info.name],
-                captures[info.name],
-                kfac_approx=kfac_approx,
-                loss_average=loss_average,
-                grad_scale=grad_scale,
-            )
-            for info in layers
-        }
-        # an empty batch has no statistics: those layers keep their factors this step
-        return {name: part.stats for name, part in parts.items() if part.rows}
-
-    def _check_shapes(grads, state, params):
-        for k, v in state.velocity.items():
-            if k not in grads:
-                raise KeyError(f"grads has no entry for parameter {k!r}")
-            if grads[k].shape != v.shape or (params is not None and params[k].shape != v.shape):
+    def _split_hyperparams(hyperparams):
+        """(SINGD's HyperParams, the fallback's)."""
+        if isinstance(hyperparams, Mapping):
+            bad = sorted(set(hyperparams) - {"singd", "fallback"})
+            if bad or (fallback is None and "fallback" in hyperparams):
                 raise ValueError(
-                    f"parameter {k!r}: state was built for shape {tuple(v.shape)}, got grad "
-                    f"{tuple(grads[k].shape)}; re-run init() after changing the model"
+                    f"hyperparams labels {sorted(hyperparams)}: the per-label form takes "
+                    "'singd' and, with a fallback, 'fallback'; for one set of values pass "
+                    "sf.HyperParams(...)"
                 )
+            return hyperparams.get("singd"), hyperparams.get("fallback")
+        if fallback is None or hyperparams is None:
+            return hyperparams, None
+        if not isinstance(hyperparams, HyperParams):
+            return hyperparams, None  # the reader names the expected type
+        reject_foreign(hyperparams, foreign, names)
+        return restrict(hyperparams, own_names), restrict(hyperparams, fallback.hyperparams)
+
+    def _update_fallback(grads, fb_state, params, grad_scale, kw):
+        """The fallback's step on the other parameters, with the gradients unscaled."""
+        others = [key for key in grads if key not in layer_params]
+        scaled = not (isinstance(grad_scale, (int, float)) and grad_scale == 1)
+        sub = {key: grads[key] / grad_scale if scaled else grads[key] for key in others}
+        kw = {n: v for n, v in kw.items() if n in fallback.extras}
+        return fallback.update(sub, fb_state, {key: params[key] for key in others}, **kw)
 
     def update(
         grads: Mapping[str, Tensor],
         state: SINGDState,
-        params: Mapping[str, Tensor],
+        params: Mapping[str, Tensor] | None = None,
         *,
         captures=None,
-        hyperparams: HyperParams | None = None,
         statistics: Mapping[str, LayerStatistics] | None = None,
         grad_scale: Number = 1.0,
-        **_: Any,
+        hyperparams: HyperParams | Mapping[str, HyperParams] | None = None,
+        **unexpected: Any,
     ):
-        hp = _hyperparams(hyperparams)
-        _check_shapes(grads, state, params)
-        if captures is not None:
-            statistics = {**_statistics(state, captures, grad_scale), **(statistics or {})}
-        factors, momenta = dict(state.factors), dict(state.momenta)
-        products = dict(state.products)
-        if statistics:
-            # a float64 count keeps `0.2 / (1 + t)` exact; int64 would give float32
-            beta = hp.lr_cov(state.count.double()) if callable(hp.lr_cov) else hp.lr_cov
-            for name, stats in statistics.items():
-                if name not in factors:
-                    raise KeyError(f"statistics for unknown layer {name!r}")
-                factors[name], m = update_factors(
-                    factors[name],
-                    momenta.get(name),
-                    stats,
-                    damping=hp.damping,
-                    alpha1=hp.alpha1,
-                    lr_cov=beta,
-                    kfac_like=kfac_like,
-                    normalize_lr_cov=normalize_lr_cov,
-                )
-                if m is not None:
-                    momenta[name] = m
-                if cache_preconditioner:
-                    products[name] = outer_products(*factors[name])
-
-        unscaled = isinstance(grad_scale, (int, float)) and grad_scale == 1
-        directions = {}
-        for info in layers:
-            G = layer_gradient_matrix(info, grads)
-            D = natural_gradient(*factors[info.name], G, products.get(info.name))
-            directions.update(split_layer_update(info, D, params))
-        updates, velocity = {}, {}
-        for k, v in state.velocity.items():
-            d = directions.get(k, grads[k])
-            if not unscaled:
-                d = d / grad_scale
-            velocity[k] = _heavy_ball(v, d, params[k], hp.momentum, hp.weight_decay)
-            updates[k] = velocity[k] * (-hp.lr)
+        # `unexpected` holds the fallback's own extras, or typos
+        if unexpected and (fallback is None or not fallback.extras.issuperset(unexpected)):
+            raise unknown_extras(unexpected, extras, "singd(...).update")
+        require_params(params, "singd")
+        warn_if_tracked(params)
+        hp: HyperParams | None
+        if fallback is not None or isinstance(hyperparams, Mapping):
+            hp, hp_fallback = _split_hyperparams(hyperparams)
+        else:
+            hp, hp_fallback = hyperparams, None
+        rate, mom, wd, lam, a1, beta = read(hp)
+        _alpha1_check(kron.keeps_momenta, alpha1, a1)
+        velocity = state.velocity
+        _check_velocity(grads, velocity, params)
+        d, k = kron.step(grads, state, velocity, captures, statistics, grad_scale, lam, a1, beta)
+        velocity = _heavy_ball(_decayed(d, params, wd, velocity), velocity, mom)
+        updates = _scaled(velocity, rate)
         fb_state = state.fallback
         if fallback is not None:
-            others = [k for k in grads if k not in layer_params]
-            fb_updates, fb_state = fallback.update(
-                {k: grads[k] for k in others}, fb_state, {k: params[k] for k in others}
+            kw = {"captures": captures, "statistics": statistics, "hyperparams": hp_fallback}
+            fb_updates, fb_state = _update_fallback(
+                grads, fb_state, params, grad_scale, {**kw, **unexpected}
             )
             updates.update(fb_updates)
-        new_state = SINGDState(state.count + 1, factors, momenta, velocity, fb_state, products)
-        return updates, new_state
+        return updates, SINGDState(k.count, k.factors, k.momenta, velocity, fb_state, k.products)
 
-    return GradientTransformation(init, update)
+    if fallback is not None:
+        takes_labels(update)
+    return GradientTransformation(init, update, extras, names)

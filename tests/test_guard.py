@@ -25,7 +25,7 @@ def _setup(kind="mlp", dtype=torch.float64, **hp):
 
 def _leaves(tree):
     import optree
-    return [t.clone() for t in optree.tree_leaves(tree)]
+    return [t.clone() for t in optree.tree_leaves(tree, namespace=sf.PYTREE_NAMESPACE)]
 
 
 def _assert_identical(a, b):
@@ -179,3 +179,12 @@ def test_the_detector_detects():
             convert()
             raise AssertionError("a conversion went through")
     assert float(t) == 1.0  # restored
+
+
+def test_the_guard_declares_what_it_wraps():
+    model, layers, tx, params = _setup()
+    inner = sf.singd(layers, **HP)
+    assert tx.extras == inner.extras and tx.hyperparams == inner.hyperparams
+    with pytest.raises(TypeError, match="capture"):
+        tx.update({k: torch.zeros_like(v) for k, v in params.items()}, tx.init(params), params,
+                  capture=None)

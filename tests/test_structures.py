@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.utils._pytree as torch_pytree
 
+from singd_functional import PYTREE_NAMESPACE as NS
 from singd_functional import structures
 from tests._dense_projection import project, storage
 
@@ -117,7 +118,7 @@ def test_closure_and_structure_pattern(name, d):
 def test_storage_formula(name, d):
     T = structures.get(name)
     assert T.eye(d).storage_numel() == storage(name, d)
-    assert sum(leaf.numel() for leaf in optree.tree_leaves(T.zeros(d))) == storage(name, d)
+    assert sum(leaf.numel() for leaf in optree.tree_leaves(T.zeros(d), namespace=NS)) == storage(name, d)
 
 
 @pytest.mark.parametrize("name", list(SIZES))
@@ -125,7 +126,7 @@ def test_pytree_round_trips(name):
     T = structures.get(name)
     d = SIZES[name][-1]
     K = random_member(T, d)
-    leaves, spec = optree.tree_flatten(K)
+    leaves, spec = optree.tree_flatten(K, namespace=NS)
     assert all(isinstance(x, torch.Tensor) for x in leaves)
     assert len(leaves) == len(K.leaves)
     back = optree.tree_unflatten(spec, leaves)
@@ -136,7 +137,7 @@ def test_pytree_round_trips(name):
     back = torch_pytree.tree_unflatten(tleaves, tspec)
     assert type(back) is T
     close(back.to_dense(), K.to_dense(), 0)
-    mapped = optree.tree_map(lambda t: 2 * t, K)
+    mapped = optree.tree_map(lambda t: 2 * t, K, namespace=NS)
     close(mapped.to_dense(), 2 * K.to_dense(), 0)
     assert type(pickle.loads(pickle.dumps(K))) is T
 
@@ -148,8 +149,8 @@ def test_vmap_over_a_batch_of_structures(name):
     n = 3
     members = [random_member(T, d) for _ in range(n)]
     others = [random_member(T, d) for _ in range(n)]
-    stacked = optree.tree_map(lambda *ts: torch.stack(ts), *members)
-    stacked_o = optree.tree_map(lambda *ts: torch.stack(ts), *others)
+    stacked = optree.tree_map(lambda *ts: torch.stack(ts), *members, namespace=NS)
+    stacked_o = optree.tree_map(lambda *ts: torch.stack(ts), *others, namespace=NS)
     X = torch.randn(n, d, 4, dtype=torch.float64)
     s = torch.rand(n, dtype=torch.float64)
 

@@ -13,6 +13,7 @@ import optree
 import pytest
 import torch
 
+from singd_functional import PYTREE_NAMESPACE as NS
 from singd_functional import structures
 from tests._dense_projection import project
 from tests.test_structures import CASES, IDS, SIZES, TOL, close, random_member
@@ -118,7 +119,7 @@ def test_hot_path_products_under_vmap(name):
     T = structures.get(name)
     d, b = SIZES[name][-1], 3
     members = [random_member(T, d) for _ in range(b)]
-    stacked = optree.tree_map(lambda *ts: torch.stack(ts), *members)
+    stacked = optree.tree_map(lambda *ts: torch.stack(ts), *members, namespace=NS)
     Z = torch.randn(b, 5, d, dtype=torch.float64)
     X = torch.randn(b, d, 5, dtype=torch.float64)
 
@@ -165,5 +166,6 @@ def test_hot_path_compiles_without_graph_breaks(name):
         return M.leaves, K.outer_matmat(X), K.outer_matmat_right(G), K.matmat_right(G)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    for a, r in zip(optree.tree_leaves(compiled(K, X, G)), optree.tree_leaves(step(K, X, G))):
+    for a, r in zip(optree.tree_leaves(compiled(K, X, G), namespace=NS),
+                    optree.tree_leaves(step(K, X, G), namespace=NS)):
         close(a, r, 1e-12)

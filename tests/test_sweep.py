@@ -180,7 +180,7 @@ def test_diverging_member_is_masked_and_reported():
         updates, s_next = tx.update(grads, s, p, captures=captures if t % 2 == 0 else None,
                                     hyperparams=member(hp, 1))
         p_next = sf.apply_updates(p, updates)
-        leaves = optree.tree_leaves((loss, updates, s_next))
+        leaves = optree.tree_leaves((loss, updates, s_next), namespace=sf.PYTREE_NAMESPACE)
         if not all(torch.isfinite(v).all() for v in leaves if v.is_floating_point()):
             break
         p, s = p_next, s_next
