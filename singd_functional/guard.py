@@ -60,11 +60,11 @@ def all_finite(tensors: Iterable[Tensor], device: torch.device | None = None) ->
     ``_foreach_norm`` with ord=inf or ``isfinite().all()`` cost 15-25 multiplies.
     Integer and empty tensors are finite.
     """
-    sums: dict[torch.device, list[Tensor]] = {}
+    sums: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
         if t.is_floating_point() and t.numel():
             acc = torch.promote_types(t.dtype, torch.float32)
-            sums.setdefault(t.device, []).append(t.sum(dtype=acc).to(torch.float64))
+            sums.setdefault((t.device, acc), []).append(t.sum(dtype=acc))
     flags = [torch.stack(s).isfinite().all() for s in sums.values()]
     if not flags:
         return torch.ones((), dtype=torch.bool, device=device)
