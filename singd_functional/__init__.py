@@ -14,7 +14,7 @@ Faces over that core: :class:`SINGD` (``optim.py``, a torch.optim.Optimizer) and
 vmapped sweeps (``sweep.py``).
 """
 
-from . import guard, structures
+from . import _attention, _embedding, guard, structures  # noqa: F401 (registers kinds)
 from ._pytree import PYTREE_NAMESPACE
 from .capture import LayerCapture, make_capture
 from .combine import (

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import _options
+from . import _fsdp, _options
 from .combine import GradientTransformation
 from .factors import Factors
 from .layers import LayerInfo, layer_kind, module_layers
@@ -194,7 +194,8 @@ def follow_params(optimizer, layer: Layer) -> dict:
 def check_weight(grp: Group, layer: Layer) -> Tensor:
     """The layer's weight, if its module still holds the parameter the group was built with."""
     w = grp.weight(layer)
-    if _current_weight(layer) is not w:
+    # fully_shard swaps the module's weight for the gathered one around each forward
+    if _current_weight(layer) is not w and not _fsdp.is_sharded(w):
         raise RuntimeError(
             f"the weight of layer {layer.name!r} is no longer the parameter this optimizer "
             "was built with (a new nn.Parameter was assigned, or the model was converted "

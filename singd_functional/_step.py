@@ -5,6 +5,11 @@ Per step: the parts recorded since the last step are accumulated per layer
 (``_distributed``); then each param group's pure transform (``transform.singd``, built
 from the group's static entries and cached) is called with the group's numbers of now
 (``HyperParams``) and its updates are added to the parameters. No formula lives here.
+
+Two variants of the last call share the step's work across processes: parameters
+sharded by ``fully_shard`` go to ``_fsdp.sharded_update`` (row shards), and
+``split_work`` to ``_split.split_update`` (one owner per layer). An unwrapped model's
+gradients are reduced with the statistics (``_distributed.all_reduce_step``).
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
-from . import _amp, _distributed, _options, _recording, guard
+from . import _amp, _distributed, _fsdp, _options, _recording, _split, guard
 from ._groups import (
     LOCKED,
     Group,
@@ -70,7 +76,7 @@ def step(optimizer) -> None:
         results: dict[int, tuple] = {}
         for n, (plan, group) in enumerate(live):
             if plan.statistics or ok is None:
-                results[n] = _update(plan, group, grad_scale, None)
+                results[n] = _update(optimizer, plan, group, grad_scale, None)
         if ok is not None and results:
             changed = [leaf for n, (_, new) in results.items()
                        for leaf, _ in guard.changed_leaves(new, live[n][0].state)]
@@ -78,7 +84,7 @@ def step(optimizer) -> None:
         selected = set(results) if ok is not None else set()
         for n, (plan, group) in enumerate(live):
             if n not in results:
-                results[n] = _update(plan, group, grad_scale, ok)
+                results[n] = _update(optimizer, plan, group, grad_scale, ok)
         for n, (plan, _) in enumerate(live):
             updates, new = results[n]
             _apply(optimizer, plan, updates, new, ok if n in selected else None, present)
@@ -100,7 +106,6 @@ def check(grp: Group, group: dict) -> None:
             f"optimizer was built (was {dict(zip(LOCKED, grp.locked))}); the factors "
             "cannot change structure: build a new optimizer instead"
         )
-    # (a group without layers, e.g. only LayerNorm parameters, has no factors at all)
     if grp.layers and not grp.keeps_momenta and not group["kfac_like"] and group["alpha1"] != 0:
         raise ValueError(
             f"{where} was built with alpha1=0 (no Riemannian momenta kept); "
@@ -177,7 +182,14 @@ def _statistics(optimizer, statistics_scale):
                     for M in local.stats for t in M.leaves]
             anchor = templates[0][0].H_K.device
             flag = (~guard.all_finite(mine, device=anchor)).to(torch.float32)
-        reduced = _distributed.all_reduce_statistics(templates, process_group, nonfinite=flag)
+        grads = _gradients_to_reduce(optimizer)
+        reduced, summed = _distributed.all_reduce_step(templates, grads, process_group,
+                                                       nonfinite=flag)
+        for (p, g, _), total in zip(grads, summed):
+            if g is not None and total is not None:
+                g.copy_(total)
+            else:
+                p.grad = total
 
     out: dict[int, dict[str, LayerStatistics]] = {}
     unrecorded = []
@@ -248,7 +260,7 @@ def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
     return _Plan(grp, keys, no_grad, grads, params, layer_state, state, statistics, active)
 
 
-def _update(plan: _Plan, group: dict, grad_scale, gate: Tensor | None):
+def _update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None):
     """The group's pure update; with ``gate``, a no-op where the gate is False (``step``)."""
     hp = hyperparams(plan.grp, group, due=bool(plan.statistics))
     grads = plan.grads
@@ -261,12 +273,23 @@ def _update(plan: _Plan, group: dict, grad_scale, gate: Tensor | None):
             momentum=torch.where(gate, wide.new_full((), 0.0) + hp.momentum, wide.new_ones(())),
             weight_decay=hp.weight_decay * wide if _nonzero(hp.weight_decay) else hp.weight_decay,
         )
-    return group_transform(plan.grp, group, plan.active).update(
-        grads, plan.state, plan.params,
-        statistics=plan.statistics or None,
-        hyperparams=hp,
-        grad_scale=grad_scale,
-    )
+    options = dict(statistics=plan.statistics or None, grad_scale=grad_scale, hyperparams=hp)
+    grp, active = plan.grp, plan.active
+    infos = tuple(l.info for l in active)
+    split_group = _distributed.resolve_group(optimizer.process_group) \
+        if optimizer.split_work else None  # (refused for fully_shard models in SINGD())
+
+    def make_tx(layer_infos):
+        return group_transform(grp, group, tuple(l for l in active if l.info in layer_infos))
+
+    if any(_fsdp.is_sharded(p) for p in plan.params.values()):  # fully_shard: row shards
+        return _fsdp.sharded_update(infos, make_tx, grads, plan.state, plan.params, **options)
+    if split_group is not None:  # each layer's work on its owner, one all_gather
+        return _split.split_update(
+            infos, make_tx, grads, plan.state, plan.params,
+            owners=_owners(optimizer, split_group), group=split_group, **options,
+        )
+    return group_transform(grp, group, active).update(grads, plan.state, plan.params, **options)
 
 
 def _nonzero(value) -> bool:
@@ -305,6 +328,37 @@ def _apply(optimizer, plan: _Plan, updates, new: SINGDState, ok: Tensor | None,
     for layer in plan.active:
         if layer.name in new.products:
             layer.products = new.products[layer.name]
+
+
+def _gradients_to_reduce(optimizer) -> list[tuple[Tensor, Tensor | None, bool]]:
+    """(parameter, local gradient, summed?) of every parameter, if the step reduces them.
+
+    It does for an unwrapped model (``reduce_gradients`` None: neither wrapped in
+    DistributedDataParallel nor sharded by fully_shard, which reduce them already).
+    """
+    reduce = optimizer.reduce_gradients
+    if reduce is None:
+        reduce = not isinstance(optimizer.model, DistributedDataParallel) and not any(
+            _fsdp.is_sharded(p) for grp in optimizer._groups for p in grp.params.values()
+        )
+    if not reduce:
+        return []
+    return [(p, p.grad, group["loss_average"] is None)
+            for grp, group in zip(optimizer._groups, optimizer.param_groups)
+            for p in grp.params.values()]
+
+
+def _owners(optimizer, process_group) -> dict[str, int]:
+    """The owner rank of every layer under ``split_work`` (chosen once per world size)."""
+    world = torch.distributed.get_world_size(process_group)
+    if optimizer._split_owners is None or optimizer._split_owners[0] != world:
+        costs = {}
+        for grp, group in zip(optimizer._groups, optimizer.param_groups):
+            for layer in grp.layers:
+                st = optimizer.state[grp.weight(layer)]
+                costs[layer.name] = _split.layer_cost(layer.info, st["K"], st["C"], group["T"])
+        optimizer._split_owners = (world, _split.assign(costs, world))
+    return optimizer._split_owners[1]
 
 
 def _cached_products(active: tuple[Layer, ...], factors: dict[str, Factors]) -> dict:

@@ -161,6 +161,9 @@ class LayerKind:
             call node becomes a call of it); the drop-in calls it from a forward hook
             on recording steps and uses its output (the module's own is dropped). With
             None, capture records ``args[0]`` and perturbs the module's output.
+        yields_tied: when a layer of another kind shares this layer's weight (weight
+            tying, e.g. ``head.weight is embedding.weight``), that layer owns the weight
+            and this one is dropped, wherever the two are in ``named_modules()``.
     """
 
     name: str
@@ -171,6 +174,7 @@ class LayerKind:
     statistics: Callable[..., Any] | None = None
     structures: tuple[str | None, str | None] = (None, None)
     forward: Callable[..., Any] | None = None
+    yields_tied: bool = False
 
     def __repr__(self) -> str:
         return f"LayerKind({self.name!r})"
@@ -368,10 +372,13 @@ def module_layers(model: nn.Module, param_keys: Mapping[int, str]):
 
     ``param_keys`` maps ``id(parameter)`` to its key for the parameters that may be
     trained. A module with a kind speaks for its whole subtree: the modules below it
-    are not visited (``nn.MultiheadAttention``'s kind owns ``out_proj``). A parameter
-    claimed by two layers (weight tying across modules) is a ValueError.
+    are not visited (``nn.MultiheadAttention``'s kind owns ``out_proj``). Of two layers
+    of different kinds sharing a weight, the one whose kind ``yields_tied`` (an
+    embedding tied to a Linear head) gives it up; any other parameter claimed by two
+    layers (weight tying across modules) is a ValueError.
     """
     owner: dict[str, str] = {}  # parameter key -> name of the layer that owns it
+    found_layers: list[tuple[str, nn.Module, LayerInfo]] = []
     covered: list[str] = []  # paths of modules with a kind (their subtrees are theirs)
     for path, mod in model.named_modules():
         if any(path.startswith(c + ".") or c == "" for c in covered):
@@ -384,6 +391,13 @@ def module_layers(model: nn.Module, param_keys: Mapping[int, str]):
         if found is None:
             continue
         for info in (found,) if isinstance(found, LayerInfo) else tuple(found):
+            tied = [e for e in found_layers if e[2].weight == info.weight]
+            if tied and _yields_to(tied[0][2], info) is info:
+                continue  # e.g. an embedding tied to an earlier Linear head
+            if tied and _yields_to(tied[0][2], info) is tied[0][2]:
+                found_layers.remove(tied[0])  # the earlier layer gives its weight up
+                for k in tied[0][2].params:
+                    owner.pop(k, None)
             shared = [k for k in info.params if k in owner]
             if shared:
                 raise ValueError(
@@ -394,7 +408,14 @@ def module_layers(model: nn.Module, param_keys: Mapping[int, str]):
                 )
             for k in info.params:
                 owner[k] = info.name
-            yield path, mod, info
+            found_layers.append((path, mod, info))
+    yield from found_layers
+
+
+def _yields_to(first: LayerInfo, second: LayerInfo) -> LayerInfo | None:
+    """Of two layers of different kinds sharing a weight, the one that gives it up."""
+    a, b = layer_kind(first).yields_tied, layer_kind(second).yields_tied
+    return None if a == b else (first if a else second)
 
 
 def find_layers(model: nn.Module, params=None) -> tuple[LayerInfo, ...]:

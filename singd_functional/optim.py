@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _checkpoint, _distributed, _options, _recording, _step
+from . import _checkpoint, _distributed, _fsdp, _options, _recording, _step
 from ._groups import (
     Group,
     all_layers,
@@ -95,6 +95,12 @@ class SINGD(torch.optim.Optimizer):
             expected scale, which keeps low-precision factors finite; the exact scale
             of each step is removed at ``step``).
         normalize_lr_cov: rho = (1 - alpha1)/2 and beta1 / max(1, max|m|).
+        split_work: under replicated data parallelism (DDP or an unwrapped model), do
+            each layer's factor update and preconditioning on one process only (chosen
+            by a cost model) and exchange the results in one ``all_gather`` per step
+            (per param group); every process still ends each step with the same
+            parameters and state.
+            Pays for wide dense layers and small T (docs/distributed.md).
 
     Non-finite steps: a step whose gradients or Kronecker statistics hold a NaN or an
     inf (one bad input row, a NaN loss, one bad micro-batch, an activation whose square
@@ -122,9 +128,14 @@ class SINGD(torch.optim.Optimizer):
     Multi-process: when ``torch.distributed`` is initialised with more than one
     process, the statistics are all-reduced (one flat buffer per step) over
     ``opt.process_group`` (default: the world group; set it to None to train each
-    process on its own). Gradients are never touched: wrap the model in
-    ``DistributedDataParallel``, or average ``p.grad`` over the processes before
-    ``step`` yourself.
+    process on its own). A model wrapped in ``DistributedDataParallel`` or sharded with
+    ``fully_shard`` (FSDP2, HSDP) comes with averaged gradients. For an unwrapped model
+    the step reduces ``p.grad`` itself, in the same collective, as the official package
+    does: averaged for a mean loss, summed for a sum loss (``loss_average=None``); the
+    processes then train as one on the concatenated batch. Set
+    ``opt.reduce_gradients = False`` when something else reduces them (e.g. a DDP
+    wrapper you did not pass to SINGD), True to force it. docs/distributed.md says what
+    travels in each mode.
 
     A layer without gradient in a step (unused, frozen) is skipped; its state is kept.
     Moving or casting the model after construction (``model.to(...)``) is fine: the
@@ -152,6 +163,7 @@ class SINGD(torch.optim.Optimizer):
         preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
         init_grad_scale: float = 1.0,
         normalize_lr_cov: bool = False,
+        split_work: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"SINGD(model, ...): model must be an nn.Module, got {type(model)}")
@@ -164,6 +176,9 @@ class SINGD(torch.optim.Optimizer):
         self.warn_unsupported = warn_unsupported
         self.init_grad_scale = _options.check_init_grad_scale(init_grad_scale)
         self.process_group: Any = _distributed.WORLD
+        self.reduce_gradients: bool | None = None  # None: when the model is unwrapped
+        self.split_work = bool(split_work)
+        self._split_owners: tuple[int, dict[str, int]] | None = None  # (world, owners)
         # one record per param group (same index), holding its layers: the single source
         # of the group/layer mapping and of what the hooks recorded
         self._groups: list[Group] = []
@@ -196,6 +211,15 @@ class SINGD(torch.optim.Optimizer):
             normalize_lr_cov=normalize_lr_cov,
         )
         super().__init__(params, defaults)
+        if self.split_work and any(_fsdp.is_sharded(p) for g in self.param_groups
+                                   for p in g["params"]):
+            raise ValueError(
+                "split_work=True is for replicated data parallelism (DDP or an unwrapped "
+                "model); a fully_shard model already shares the step by row shards: "
+                "drop split_work"
+            )
+        for layer in all_layers(self._groups):
+            _fsdp.check_row_major(layer.info, self._groups[layer.group].params)
         plain = not_preconditioned(self)
         if explicit and plain and warn_unsupported:
             warnings.warn(

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import _distributed
 from . import structures as _structures
 from .combine import (
     GradientTransformation,
@@ -168,6 +169,7 @@ def _kronecker(
     normalize_lr_cov,
     preconditioner_dtype,
     cache_preconditioner,
+    process_group=None,
 ) -> _Kronecker:
     layers = tuple(layers)
     if kfac_approx not in KFAC_APPROXES:
@@ -210,6 +212,12 @@ def _kronecker(
         )
 
     def _statistics(factors, captures, grad_scale):
+        group = _distributed.resolve_group(process_group)
+        if group is not None:  # this process's captures, reduced in one collective
+            return _distributed.reduced_statistics(
+                layers, factors, captures, group, kfac_approx=kfac_approx,
+                loss_average=loss_average, grad_scale=grad_scale,
+            )
         missing = [info.name for info in layers if info.name not in captures]
         if missing:
             raise ValueError(
@@ -293,6 +301,7 @@ def scale_by_kronecker_factors(
     normalize_lr_cov: bool = False,
     preconditioner_dtype=(None, None),
     cache_preconditioner: bool = False,
+    process_group=None,
 ) -> GradientTransformation:
     """SINGD's preconditioning stage: ``u <- C C^T G K K^T / grad_scale`` per layer.
 
@@ -309,7 +318,7 @@ def scale_by_kronecker_factors(
     alpha1 = 0.0 if kfac_like else alpha1
     kron = _kronecker(
         layers, alpha1, structures, kfac_approx, loss_average, kfac_like,
-        normalize_lr_cov, preconditioner_dtype, cache_preconditioner,
+        normalize_lr_cov, preconditioner_dtype, cache_preconditioner, process_group,
     )  # fmt: skip
     read, names = reader(frozenset({"alpha1"}), damping=damping, alpha1=alpha1, lr_cov=lr_cov)
 
@@ -349,6 +358,7 @@ def singd(
     preconditioner_dtype=(None, None),
     fallback: GradientTransformation | None = None,
     cache_preconditioner: bool = False,
+    process_group=None,
 ) -> GradientTransformation:
     """SINGD (Lin et al., ICML 2024) as a pure transform over parameter dicts.
 
@@ -392,6 +402,13 @@ def singd(
             a plain step then costs two structured products per layer instead of
             four. Costs the memory of K and C once more; worth it when captures come
             every T > 1 steps.
+        process_group: None, or the group of data-parallel processes (a
+            ``torch.distributed`` process group, or ``"world"``): the statistics of
+            ``captures`` are then reduced over it inside ``update``, in one
+            ``all_reduce``; with ``grads`` averaged over the processes (as DDP
+            averages them) W processes step like one on the concatenated batch
+            (docs/distributed.md). A layer some process did not capture gets the
+            others' statistics. Not for vmap / compile (a collective, one host sync).
 
     Returns:
         ``GradientTransformation`` with
@@ -412,7 +429,7 @@ def singd(
     )  # fmt: skip
     kron = _kronecker(
         layers, alpha1, structures, kfac_approx, loss_average, kfac_like,
-        normalize_lr_cov, preconditioner_dtype, cache_preconditioner,
+        normalize_lr_cov, preconditioner_dtype, cache_preconditioner, process_group,
     )  # fmt: skip
     layer_params = kron.layer_params
     extras = _KRON_EXTRAS | (fallback.extras if fallback is not None else frozenset())
