@@ -69,8 +69,10 @@ def step(optimizer) -> None:
         plans = [_plan(optimizer, grp, group, statistics.get(grp.index, {}))
                  for grp, group in zip(optimizer._groups, optimizer.param_groups)]
         live = [(plan, group) for plan, group in zip(plans, optimizer.param_groups) if plan]
+        # (not yet under fully_shard: its DTensor updates would need a DTensor verdict)
+        sharded = any(_fsdp.is_sharded(p) for plan, _ in live for p in plan.params.values())
         ok = _verdict(optimizer, [plan for plan, _ in live], flag) \
-            if optimizer._guard and live else None
+            if optimizer._guard and live and not sharded else None
         # groups with statistics first: their new factors enter the verdict, which the
         # plain groups then take as numbers (gated); so one verdict holds for all groups
         results: dict[int, tuple] = {}
@@ -321,7 +323,7 @@ def _apply(optimizer, plan: _Plan, updates, new: SINGDState, ok: Tensor | None,
         if k in plan.no_grad:
             continue
         p = grp.params[k]
-        p.add_(updates[k].to(p.dtype))
+        _fsdp.local(p).add_(updates[k].to(p.dtype))  # a sharded p: its rows
         st_of[p]["momentum_buffer"] = new.velocity[k]
     for name, st in plan.layer_state.items():
         store_factors(st, new.factors[name], new.momenta.get(name))

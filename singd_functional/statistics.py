@@ -168,7 +168,11 @@ def layer_part(
     if own is not None:  # a kind-specific statistic (e.g. token counts of an embedding)
         stats = own(info, K, C, capture, kfac_approx=kfac_approx, loss_average=loss_average,
                     grad_scale=grad_scale)
-        return StatisticsPart(stats, *part_counts(info, capture, kfac_approx, loss_average))
+        # its counts from the output gradients' shapes (its rows may be one-hot: not built)
+        N = capture.output_grads[0].shape[0] if capture.output_grads[0].dim() > 1 else 1
+        S = sum(g.numel() // max(g.shape[-1], 1) for g in capture.output_grads) // max(N, 1)
+        rows = N * S if kfac_approx == "expand" else N
+        return StatisticsPart(stats, rows, loss_scale(loss_average, N, S))
     Kw, Cw = _wide(K), _wide(C)
     sums = []
     for grp in _call_groups(info, capture):
