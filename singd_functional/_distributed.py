@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .capture import LayerCapture
 from .layers import LayerInfo
-from .statistics import LayerStatistics, batch_and_positions, layer_statistics, loss_scale
+from .statistics import LayerStatistics, layer_statistics, part_counts
 
 WORLD = "world"  # sentinel: the default process group, when one is initialised
 
@@ -67,14 +67,8 @@ class LocalStatistics(NamedTuple):
 
 
 def counts(info: LayerInfo, capture: LayerCapture, kfac_approx: str, loss_average):
-    """(R, c): a-rows and loss terms of one backward pass, from the tensor shapes only.
-
-    N and S are those of ``statistics.layer_rows`` (batch size, weight-sharing positions
-    summed over the calls), read off the rows' shapes without computing any row.
-    """
-    N, S = batch_and_positions(info, capture)
-    rows = N * S if kfac_approx == "expand" else N
-    return float(rows), loss_scale(loss_average, N, S)
+    """(R, c): a-rows and loss terms of one backward pass (``statistics.part_counts``)."""
+    return part_counts(info, capture, kfac_approx, loss_average)
 
 
 def resolve_group(process_group: Any):
@@ -127,27 +121,34 @@ def reduced_statistics(
         zeros = LayerStatistics(K.map(torch.zeros_like), C.map(torch.zeros_like))
         entries.append((zeros, local, loss_average))
     reduced = all_reduce_statistics(entries, group)
-    return {info.name: stats for info, stats in zip(layers, reduced) if stats is not None}
+    # a layer this process did not capture: kept when some process did (a host read, in
+    # that case only)
+    return {info.name: stats for info, (stats, here) in zip(layers, reduced)
+            if stats is not None and (here is None or bool(here))}
 
 
 def all_reduce_statistics(
-    entries: list[tuple[LayerStatistics, LocalStatistics, Any]], group
-) -> list[LayerStatistics | None]:
+    entries: list[tuple[LayerStatistics, LocalStatistics, Any]], group,
+    nonfinite: Tensor | None = None,
+) -> list[tuple[LayerStatistics | None, Tensor | None]]:
     """Reduce every layer's statistics over ``group``, in one collective.
 
     :func:`all_reduce_step` without gradients (the model is wrapped in DDP or sharded).
     """
-    return all_reduce_step(entries, [], group)[0]
+    return all_reduce_step(entries, [], group, nonfinite=nonfinite)[0]
 
 
 def all_reduce_step(
     entries: list[tuple[LayerStatistics, LocalStatistics, Any]],
     grads: list[tuple[Tensor, Tensor | None, bool]],
     group,
-) -> tuple[list[LayerStatistics | None], list[Tensor | None]]:
+    nonfinite: Tensor | None = None,
+) -> tuple[list[tuple[LayerStatistics | None, Tensor | None]], list[Tensor | None]]:
     """Reduce the statistics (module docstring) and, for an unwrapped model, the gradients.
 
-    Everything travels in one flat buffer per device: one ``all_reduce`` per step.
+    Everything travels in one flat buffer per device: one ``all_reduce`` per step. The
+    counts are divided on the device, so nothing is read back to the host (except a
+    parameter without a local gradient: whether another process had one).
 
     Args:
         entries: per layer, in the same order on every process: a template (zeros of the
@@ -161,9 +162,14 @@ def all_reduce_step(
             summed gradient the differentiated loss is sum_w L_w, so its layers' H_C
             is sum_w H_C_w (``c / W^2`` becomes 1).
         group: a process group with more than one process.
+        nonfinite: optional 0-d float tensor, this process's count of non-finite
+            statistics; it rides in the same buffer and is replaced in place by the sum
+            over processes, so every process takes the same skip decision.
 
     Returns:
-        Per entry, the statistics of L_eff, or None when no process had any; per
+        Per entry, ``(statistics of L_eff, present)``: ``present`` is None when this
+        process had statistics for the layer, else a 0-d bool tensor saying whether any
+        process had (when none had, the statistics are zeros and must not be used); per
         gradient, the mean (or sum) over the processes, or None when no process had one.
     """
     W = dist.get_world_size(group)
@@ -174,58 +180,82 @@ def all_reduce_step(
     for j, (p, _, _) in enumerate(grads):
         by_device.setdefault(p.device, ([], []))[1].append(j)
 
-    out: list[LayerStatistics | None] = [None] * len(entries)
+    out: list[tuple[LayerStatistics | None, Tensor | None]] = [(None, None)] * len(entries)
     reduced_grads: list[Tensor | None] = [None] * len(grads)
-    for device, (idx, gidx) in by_device.items():
+    for n_device, (device, (idx, gidx)) in enumerate(by_device.items()):
         leaves = [leaf for i in idx for leaf in _flat(entries[i][0])]
         leaves += [grads[j][0] for j in gidx]
         wide = any(leaf.dtype == torch.float64 for leaf in leaves)
         buf_dtype = torch.float64 if wide else torch.float32
-        parts, shapes, count_parts = [], [], []
+        parts, shapes, counts = [], [], []
         for i in idx:
             template, local, _ = entries[i]
             if local.stats is None:
                 contribution = [torch.zeros_like(t) for t in _flat(template)]
-                count_parts.append([0.0, 0.0])
+                counts += [0.0, 0.0]
             else:
                 weighted = LayerStatistics(
                     local.stats.H_K * local.rows, local.stats.H_C * (1.0 / local.loss_terms)
                 )
                 contribution = _flat(weighted)
-                count_parts.append([local.rows, float(local.loss_terms)])
+                counts += [float(local.rows), local.loss_terms]
             shapes.append([(t.shape, t.dtype) for t in contribution])
             parts += [t.reshape(-1).to(buf_dtype) for t in contribution]
         for j in gidx:
             p, g, _ = grads[j]
             parts.append((torch.zeros_like(p) if g is None else g).reshape(-1).to(buf_dtype))
-            count_parts.append([float(g is not None), 0.0])
-        parts.append(torch.tensor(count_parts, dtype=buf_dtype, device=device).reshape(-1))
+            counts += [float(g is not None), 0.0]
+        parts.append(_counts_on(device, counts, buf_dtype))
+        flag = nonfinite if n_device == 0 else None  # rides on the first device's buffer
+        if flag is not None:
+            parts.append(flag.reshape(1).to(device=device, dtype=buf_dtype))
         buf = torch.cat(parts)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        if flag is not None:
+            flag.copy_(buf[-1])
+            buf = buf[:-1]
 
-        totals = buf[-2 * len(count_parts) :].reshape(-1, 2).tolist()  # the one host sync
+        totals = buf[-len(counts):].reshape(-1, 2)
         offset = 0
         for k, i in enumerate(idx):
-            template, _, loss_average = entries[i]
+            template, local, loss_average = entries[i]
             leaves = []
-            for shape, dtype in shapes[k]:
+            for shape, _ in shapes[k]:
                 n = shape.numel()
-                leaves.append(buf[offset : offset + n].reshape(shape).to(dtype))
+                leaves.append(buf[offset : offset + n].reshape(shape))
                 offset += n
-            rows, loss_terms = totals[k]
-            if rows == 0:
-                continue
+            rows, loss_terms = totals[k, 0], totals[k, 1]
             n_K = len(template.H_K.leaves)
-            H_K = type(template.H_K)(*leaves[:n_K]) * (1.0 / rows)
+            H_K = type(template.H_K)(*leaves[:n_K]).scale(1.0 / rows.clamp(min=1.0))
             c = 1.0 if loss_average is None else loss_terms
             s = 1.0 if unwrapped and loss_average is None else 1.0 / W  # L_eff = s sum_w L_w
-            H_C = type(template.H_C)(*leaves[n_K:]) * (c * s**2)
-            out[i] = LayerStatistics(H_K, H_C)
+            H_C = type(template.H_C)(*leaves[n_K:]).scale(c * s**2)
+            stats = LayerStatistics(H_K.to(dtype=template.H_K.dtype),
+                                    H_C.to(dtype=template.H_C.dtype))
+            out[i] = (stats, None if local.stats is not None else rows > 0)
         for k, j in enumerate(gidx, start=len(idx)):
-            p, _, summed = grads[j]
+            p, g_local, summed = grads[j]
             n = p.numel()
             g = buf[offset : offset + n].reshape(p.shape)
             offset += n
-            if totals[k][0] > 0:
+            if g_local is not None or bool(totals[k, 0] > 0):
                 reduced_grads[j] = (g if summed else g * (1.0 / W)).to(p.dtype)
     return out, reduced_grads
+
+
+def _counts_on(device: torch.device, counts: list, dtype: torch.dtype) -> Tensor:
+    """The row / loss-term counts as one tensor on ``device``, without a blocking copy.
+
+    Host numbers travel in one (pinned, on a GPU) non-blocking copy; counts that are
+    tensors already (a tensor ``loss_average``) are put in place on the device.
+    """
+    host = torch.tensor([0.0 if isinstance(c, Tensor) else c for c in counts], dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    out = host.to(device, non_blocking=True)
+    on_device = [(k, c) for k, c in enumerate(counts) if isinstance(c, Tensor)]
+    if on_device:
+        where = torch.tensor([k for k, _ in on_device]).to(device, non_blocking=True)
+        values = torch.stack([c.to(device=device, dtype=dtype).reshape(()) for _, c in on_device])
+        out = out.index_put((where,), values)
+    return out

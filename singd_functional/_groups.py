@@ -169,12 +169,17 @@ def transform(group: dict[str, Any], layers: tuple[LayerInfo, ...], alpha1
 
 def group_transform(grp: Group, group: dict, active: tuple[Layer, ...]) -> GradientTransformation:
     """The (cached) pure core for the group's ``active`` layers and its static entries."""
-    key = (tuple(l.name for l in active), tuple(repr(group[e]) for e in STATIC))
+    key = (tuple(l.name for l in active), tuple(_static_key(group[e]) for e in STATIC))
     tx = grp.transforms.get(key)
     if tx is None:
         alpha1 = 0.5 if grp.keeps_momenta else 0.0
         tx = grp.transforms[key] = transform(group, tuple(l.info for l in active), alpha1)
     return tx
+
+
+def _static_key(value) -> Any:
+    # a tensor (loss_average) by identity: its repr would read it back from the device
+    return ("tensor", id(value)) if isinstance(value, Tensor) else repr(value)
 
 
 def store_factors(state: dict, factors: Factors, momenta: Factors | None) -> None:

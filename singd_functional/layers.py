@@ -31,6 +31,7 @@ are an error unless a kind says how to handle it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -196,10 +197,10 @@ def _describe_linear(name: str, mod: Any, param_keys: Mapping[int, str]):
 
 
 def _linear_rows(info: LayerInfo, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    if x.dim() == 1:
+    if x.dim() == 1:  # an unbatched input: a batch of one
         x, g = x.unsqueeze(0), g.unsqueeze(0)
-    n = x.shape[0]
-    return x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1])
+    n, s = x.shape[0], math.prod(x.shape[1:-1])  # explicit S: an empty batch reshapes too
+    return x.reshape(n, s, x.shape[-1]), g.reshape(n, s, g.shape[-1])
 
 
 def _conv_padding(mod: Any, ks: tuple[int, int], dil: tuple[int, int]):
@@ -264,6 +265,8 @@ def _patches(info: LayerInfo, x: Tensor) -> Tensor:
 
 
 def _conv_rows(info: LayerInfo, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    if x.dim() == (2 if info.kind == "conv1d" else 3):  # unbatched (C, L) / (C, H, W)
+        x, g = x.unsqueeze(0), g.unsqueeze(0)
     return _patches(info, x).transpose(1, 2), g.flatten(2).transpose(1, 2)
 
 

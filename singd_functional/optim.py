@@ -36,6 +36,7 @@ from ._groups import (
 )
 from ._official_compat import OfficialNames
 from ._types import LossAverage, Params, PreconditionerDtype, Structures
+from .guard import SkipCounter
 from .layers import LayerInfo, describe, summary
 
 _log = logging.getLogger("singd_functional")
@@ -103,12 +104,23 @@ class SINGD(OfficialNames, torch.optim.Optimizer):
             parameters and state.
             Pays for wide dense layers and small T (docs/distributed.md).
 
+    Non-finite steps: a step whose gradients or Kronecker statistics hold a NaN or an
+    inf (one bad input row, a NaN loss, one bad micro-batch, an activation whose square
+    overflows) changes nothing: parameters, K, C, m_K, m_C and momentum buffers stay
+    as they were, with or without a GradScaler. The decision is taken on the device
+    (no host synchronisation; under DDP it is the same on every process);
+    ``opt.skipped_steps`` counts such steps and the first one is warned about (at the
+    next step). ``param_groups[i]["step"]`` counts every call of :meth:`step`, skipped
+    ones included: it schedules T and ``lr_cov(t)``, so a skipped statistics step is
+    not redone at the next step. The ``p.grad`` of a skipped step reads 0 after it (the
+    step zeroes non-finite gradients in place rather than copying every gradient).
+
     GradScaler: use it as with any optimizer, ``scaler.step(opt)``, with or without
-    ``scaler.unscale_(opt)`` before (e.g. to clip gradients). Steps with non-finite
-    gradients are skipped with state and parameters untouched, and the statistics of
-    that backward pass are dropped. The scale is removed from the gradients and from
-    H_C (divided by s^2). After ``scaler.unscale_(opt)`` the optimizer reads the scale
-    is no longer known to the optimizer: add ``opt.set_current_grad_scale(scaler.get_scale())``
+    ``scaler.unscale_(opt)`` before (e.g. to clip gradients). Steps it finds non-finite
+    are skipped as above, and the statistics of that backward pass are dropped. The
+    scale is removed from the gradients and from H_C (divided by s^2). After
+    ``scaler.unscale_(opt)`` the scale of the recorded output gradients is no longer
+    known to the optimizer: add ``opt.set_current_grad_scale(scaler.get_scale())``
     before ``scaler.step(opt)`` (the official package requires the same line); a step
     that needs it and lacks it raises before changing anything.
 
@@ -179,6 +191,9 @@ class SINGD(OfficialNames, torch.optim.Optimizer):
         # the scale the stored statistics are divided by; the exact one is applied at step
         self._statistics_scale = self.init_grad_scale
         self._explicit_grad_scale: float | Tensor | None = None
+        # skipping non-finite steps (guard.py); False only to measure what it costs
+        self._guard = True
+        self._skips = SkipCounter()
         explicit = params is not None
         if params is None:
             params = default_parameters(model, warn_unsupported)
@@ -244,6 +259,13 @@ class SINGD(OfficialNames, torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """How many steps were skipped for non-finite gradients or statistics (0-d int64
+        tensor on the parameters' device; reading its value waits for the device)."""
+        count = self._skips.count
+        return torch.zeros((), dtype=torch.int64) if count is None else count
 
     def set_current_grad_scale(self, grad_scale: float | Tensor) -> None:
         """Give the loss scale of the coming :meth:`step` (as the official package).

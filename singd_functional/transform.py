@@ -44,7 +44,7 @@ from .precondition import (
     outer_products,
     split_layer_update,
 )
-from .statistics import KFAC_APPROXES, LOSS_AVERAGES, LayerStatistics, layer_statistics
+from .statistics import KFAC_APPROXES, LOSS_AVERAGES, LayerStatistics, layer_part
 from .structures import StructuredMatrix
 
 __all__ = [
@@ -229,8 +229,8 @@ def _kronecker(
                 "or leave a layer that this forward really never uses out of `layers`; "
                 "captures=None skips the factor update this step"
             )
-        return {
-            info.name: layer_statistics(
+        parts = {
+            info.name: layer_part(
                 info,
                 *factors[info.name],
                 captures[info.name],
@@ -240,6 +240,8 @@ def _kronecker(
             )
             for info in layers
         }
+        # an empty batch has no statistics: those layers keep their factors this step
+        return {name: part.stats for name, part in parts.items() if part.rows}
 
     def step(grads, state, keys, captures, statistics, grad_scale, damping, alpha1, lr_cov):
         """Directions for ``keys`` (C C^T G K K^T on layer parameters, the gradient on

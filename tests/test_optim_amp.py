@@ -89,8 +89,23 @@ def test_nonfinite_step_is_skipped_with_state_untouched(T):
         if t == 2:
             assert scaler.get_scale() == 2.0**9, "GradScaler did not see the non-finite step"
             _assert_equal(model.state_dict(), before_params)
-            _assert_equal(opt.state_dict(), before_state)
-    ref, _ = _plain_run("mlp", [0, 1, 3, 4, 5], T=T)
+            after = opt.state_dict()
+            # the step counter counts the call (it schedules T on the host); nothing else moves
+            assert after["param_groups"][0]["step"] == before_state["param_groups"][0]["step"] + 1
+            after["param_groups"][0]["step"] -= 1
+            _assert_equal(after, before_state)
+    assert int(opt.skipped_steps) == 1
+    # the reference: batch 2 never seen, its step call counted
+    ref = make_model("mlp")
+    ref_opt = sf.SINGD(ref, **{**BASE, "T": T})
+    for t in range(6):
+        if t == 2:
+            ref_opt.param_groups[0]["step"] += 1
+            continue
+        x, y = make_batch("mlp", t)
+        ref_opt.zero_grad()
+        loss_fn(ref(x), y).backward()
+        ref_opt.step()
     assert_same(dict(model.named_parameters()), dict(ref.named_parameters()))
 
 

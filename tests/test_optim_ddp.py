@@ -20,7 +20,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import singd_functional as sf
+from singd_functional import _distributed
 from tests._multiprocess import count_calls, run
+from tests._no_sync import no_host_sync
 from tests.models import make_batch, make_loss, make_model
 from tests.test_optim import BASE, assert_moved, assert_same
 
@@ -29,7 +31,7 @@ CONFIGS = {
     "ddp-mlp-batch": dict(kind="mlp", wrap=True, loss_average="batch", hp=dict(BASE)),
     "ddp-seq-batch+sequence-T2": dict(
         kind="seq", wrap=True, loss_average="batch+sequence",
-        hp=dict(BASE, T=2, structures=("triltoeplitz", "hierarchical3_2"))),
+        hp=dict(BASE, T=2, structures=("triltoeplitz", "hierarchical3_2")), no_sync=True),
     "ddp-cnn-sum-ikfac-reduce": dict(
         kind="cnn", wrap=True, loss_average=None,
         hp=dict(BASE, lr=0.01, kfac_like=True, kfac_approx="reduce", structures=("dense", "diagonal"))),
@@ -43,6 +45,14 @@ CONFIGS = {
                                 hp=dict(BASE, structures=("diagonal", "dense"))),
     "unwrapped-cnn-sum": dict(kind="cnn", wrap=False, loss_average=None,
                               hp=dict(BASE, lr=0.01, T=2)),
+    # one process with an empty batch on statistics steps: neither crashes nor hangs
+    "ddp-seq-sum-empty-rank": dict(kind="seq", wrap=True, loss_average=None, split=(8, 0),
+                                   hp=dict(BASE, lr=0.01, structures=("dense", "triltoeplitz"))),
+    # a NaN in one process's batch at step 1: both skip that step (reference: batch 1 unseen)
+    "ddp-mlp-nan-on-rank1": dict(kind="mlp", wrap=True, loss_average="batch", nan_at=(1, 1),
+                                 hp=dict(BASE), no_sync=True),
+    "unwrapped-cnn-nan-on-rank0": dict(kind="cnn", wrap=False, loss_average="batch",
+                                       nan_at=(0, 2), hp=dict(BASE, T=2)),
     # the loop averages the gradients itself and tells the optimizer so
     "manual-average-mlp": dict(kind="mlp", wrap=False, manual=True, loss_average="batch",
                                hp=dict(BASE, T=2)),
@@ -75,6 +85,9 @@ def _run_rank(rank: int, cfg: dict) -> dict:
         x, y = make_batch(kind, t, BATCH)
         split = cfg.get("split", (BATCH // WORLD,) * WORLD)
         x, y = x.split(split)[rank], y.split(split)[rank]
+        if cfg.get("nan_at") == (rank, t):
+            x = x.clone()
+            x[0] = float("nan")
         opt.zero_grad()
         for i, (xm, ym) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
             last = i == micro - 1
@@ -86,14 +99,28 @@ def _run_rank(rank: int, cfg: dict) -> dict:
                 dist.all_reduce(p.grad)
                 p.grad /= WORLD
         with count_calls(dist, ("all_reduce",)) as calls:
-            opt.step()
+            # the reduction reads nothing back to the host (no .tolist(), no blocking copy)
+            with no_host_sync() if cfg.get("no_sync") else contextlib.nullcontext():
+                opt.step()
         collectives.append(calls["all_reduce"])
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    return dict(params=params, collectives=collectives)
+    return dict(params=params, collectives=collectives, skipped=int(opt.skipped_steps))
+
+
+def _flag_rides_along(rank: int) -> float:
+    """The non-finite count of one process reaches every process in the one collective."""
+    stats = sf.LayerStatistics(sf.structures.Dense.eye(2, dtype=torch.float64),
+                               sf.structures.Dense.eye(3, dtype=torch.float64))
+    local = _distributed.LocalStatistics(stats, 4.0, 4.0)
+    flag = torch.tensor(float(rank == 1))
+    _distributed.all_reduce_statistics([(stats, local, "batch")], dist.group.WORLD, nonfinite=flag)
+    return float(flag)
 
 
 def _all_configs(rank: int, world: int) -> dict:
-    return {name: _run_rank(rank, cfg) for name, cfg in CONFIGS.items()}
+    results = {name: _run_rank(rank, cfg) for name, cfg in CONFIGS.items()}
+    results["flag"] = _flag_rides_along(rank)
+    return results
 
 
 @functools.cache
@@ -108,6 +135,10 @@ def _single_process(cfg: dict, rank: int | None = None) -> dict:
     opt = sf.SINGD(model, loss_average=loss_average, **cfg["hp"])
     loss_fn = _loss_fn(cfg, WORLD) if rank is None else make_loss(loss_average)
     for t in range(STEPS):
+        if cfg.get("nan_at", (None, None))[1] == t:  # the step every process skipped
+            for group in opt.param_groups:
+                group["step"] += 1
+            continue
         x, y = make_batch(kind, t, BATCH)
         if rank is not None:
             x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
@@ -126,6 +157,11 @@ def test_two_processes_equal_one_process(name):
     assert_moved(cfg["kind"], ranks[0]["params"])
     for k, p in ranks[1]["params"].items():
         assert torch.equal(p, ranks[0]["params"][k]), f"{k}: the processes diverged"
+    assert [r["skipped"] for r in ranks] == [1 if "nan_at" in cfg else 0] * WORLD
+
+
+def test_the_nonfinite_flag_rides_in_the_statistics_collective():
+    assert [r["flag"] for r in _results()] == [1.0] * WORLD
 
 
 @pytest.mark.parametrize("name", ["ddp-mlp-batch", "ddp-seq-batch+sequence-T2",
