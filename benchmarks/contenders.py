@@ -403,7 +403,7 @@ def make(cfg: Config, seed: int = 0, tx_cache: dict | None = None) -> Contender:
 
 # ------------------------------------------------------------------ storage formulas
 def storage_numel(structure: str, d: int) -> int:
-    """Stored entries of a d x d factor (ALGORITHM.md's storage column)."""
+    """Stored entries of a d x d factor (the storage column of docs/algorithm.md#structures)."""
     import re
 
     if structure == "dense":

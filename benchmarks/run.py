@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import contenders as ct
-from . import conv_stats, models, report, timing
+from . import conv_stats, models, readme_speed, report, timing
 from .contenders import BASELINES, Config
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -324,6 +324,9 @@ def main(argv=None) -> int:
           f"(load average {meta['load_start']} -> {meta['load_end']})")
     for pth in paths:
         print(f"wrote {pth}")
+    if args.out.resolve() == RESULTS.resolve() and args.tag is None:
+        readme_speed.update(args.out / f"{stem}.json")  # README's speed section from it
+        print(f"rewrote the speed section of {readme_speed.README}")
     return 0
 
 

@@ -8,12 +8,14 @@ The data path, one module per stage::
     factors.py      update_factors(...)           K, C, m_K, m_C
     precondition.py natural_gradient(...)         C C^T G K K^T
     transform.py    singd(...) -> (init, update)  the pure core: a chain of primitives
+    guard.py        skip_nonfinite(tx)            a non-finite step changes nothing
 
 Faces over that core: :class:`SINGD` (``optim.py``, a torch.optim.Optimizer) and the
 vmapped sweeps (``sweep.py``).
 """
 
-from . import structures
+from . import _attention, _embedding, guard, structures  # noqa: F401 (registers kinds)
+from ._official_compat import from_official_state_dict
 from ._pytree import PYTREE_NAMESPACE
 from .capture import LayerCapture, make_capture
 from .combine import (
@@ -35,6 +37,7 @@ from .fallbacks import (
     sgd,
     trace,
 )
+from .guard import SkipNonfiniteState, skip_nonfinite
 from .hyperparams import HyperParams
 from .layers import LayerInfo, LayerKind, describe, find_layers, register_layer_kind
 from .optim import SINGD
@@ -46,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "structures",
+    "guard",
     "find_layers",
     "LayerInfo",
     "LayerKind",
@@ -56,7 +60,10 @@ __all__ = [
     "LayerStatistics",
     "Factors",
     "singd",
+    "skip_nonfinite",
+    "SkipNonfiniteState",
     "SINGD",
+    "from_official_state_dict",
     "HyperParams",
     "SINGDState",
     "GradientTransformation",

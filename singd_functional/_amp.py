@@ -22,10 +22,13 @@ UNSCALED_WITHOUT_SCALE = (
 )
 
 
-def skipped(optimizer) -> bool:
-    """GradScaler found inf/nan gradients: it skips this step, and so do we."""
-    found_inf = getattr(optimizer, "found_inf", None)
-    return found_inf is not None and float(found_inf) > 0
+def found_inf(optimizer) -> Tensor | None:
+    """GradScaler's verdict on the gradients (a device tensor, > 0: non-finite), if any.
+
+    Never read on the host: the step folds it into its own decision (``guard``), so
+    GradScaler's own device-side check is not turned back into a synchronisation.
+    """
+    return getattr(optimizer, "found_inf", None)
 
 
 def scales(optimizer, statistics_due: bool) -> tuple[float | Tensor, float | Tensor | None]:
@@ -41,6 +44,8 @@ def scales(optimizer, statistics_due: bool) -> tuple[float | Tensor, float | Ten
         return s, s if statistics_due else None
     scale = getattr(optimizer, "grad_scale", None)
     if scale is not None:  # GradScaler did not unscale: both carry its scale
+        # no init_grad_scale check here: GradScaler's scale is a device tensor, and
+        # reading it would wait for the device (set_current_grad_scale checks a number)
         return scale, scale if statistics_due else None
     # scaler.unscale_(opt) divided p.grad in place; dL/dz still carries the scale
     if statistics_due and explicit is None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Any
+from typing import Any, NoReturn
 
 from torch import Tensor
 
 from . import _options, _recording
 from . import structures as _structures
 from ._groups import locked
+from ._official_compat import from_official_state_dict, is_official_state_dict
 
 
 def pack(optimizer, packed: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +38,11 @@ def load(optimizer, state_dict: dict[str, Any]) -> None:
 
     All or nothing: everything is read and checked against this optimizer's parameters,
     layers and structures first; a refused state dict leaves the optimizer as it was.
+    A state dict of the official package's SINGD is converted first
+    (:func:`~singd_functional.from_official_state_dict`).
     """
+    if is_official_state_dict(state_dict):
+        state_dict = from_official_state_dict(state_dict, optimizer)
     state_dict = dict(state_dict)
     for pre_hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
         result = pre_hook(optimizer, state_dict)
@@ -71,7 +76,7 @@ def load(optimizer, state_dict: dict[str, Any]) -> None:
             )
         p = id_map[i]
         state[p] = {k: _unpack(v, p.device) for k, v in st.items()}
-    groups = []
+    groups: list[dict[str, Any]] = []
     for saved, current in zip(saved_groups, optimizer.param_groups):
         if saved.get("lr_cov") is None and current["lr_cov"] is not None:
             saved["lr_cov"] = current["lr_cov"]  # a callable is not saved
@@ -116,7 +121,7 @@ def load(optimizer, state_dict: dict[str, Any]) -> None:
 
 def _check_shapes(name: str, p: Tensor, saved: dict, current: dict) -> None:
     """Raise if a loaded state entry of parameter ``name`` does not fit it (another model)."""
-    def refuse(what: str):
+    def refuse(what: str) -> NoReturn:
         raise ValueError(
             f"parameter {name!r} (shape {tuple(p.shape)}): the state dict's {what}; it was "
             "saved from another model (equal parameter counts, other shapes); build the "

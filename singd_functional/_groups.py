@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import _options
+from . import _fsdp, _options
 from .combine import GradientTransformation
 from .factors import Factors
 from .layers import LayerInfo, layer_kind, module_layers
@@ -87,6 +87,14 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
     for entry, what in (("structures", "structure name"), ("preconditioner_dtype", "dtype")):
         group[entry] = _options.pair(group[entry], entry, what)
     _options.check_group(f"param group {index}", group, host_tensors=True)
+    if group["kfac_like"] and group["alpha1"] != 0:  # as the official package
+        warnings.warn(
+            f"param group {index}: kfac_like=True (IKFAC) keeps no Riemannian momenta, so "
+            f"alpha1={group['alpha1']} is ignored and set to 0; pass alpha1=0 with "
+            "kfac_like=True to silence this",
+            stacklevel=5,  # the SINGD(...) call
+        )
+        group["alpha1"] = 0.0
     model = optimizer.model
     names = {id(p): k for k, p in model.named_parameters()}
     owner = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
@@ -132,7 +140,10 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
         hook = optimizer._kind_hooks.get(id(layer.module))
         if hook is None:
             hook = optimizer._kind_hooks[id(layer.module)] = KindHook(optimizer, layer.module)
-            layer.handle = layer.module.register_forward_hook(hook, with_kwargs=True)
+            # prepend: before fully_shard's post-forward hook, which reshards the module's
+            # parameters and hooks its backward on the output this hook replaces
+            layer.handle = layer.module.register_forward_hook(hook, with_kwargs=True,
+                                                              prepend=True)
         hook.add(layer)
     return Group(index, layers, params, locked(group), bool(state.momenta))
 
@@ -158,12 +169,17 @@ def transform(group: dict[str, Any], layers: tuple[LayerInfo, ...], alpha1
 
 def group_transform(grp: Group, group: dict, active: tuple[Layer, ...]) -> GradientTransformation:
     """The (cached) pure core for the group's ``active`` layers and its static entries."""
-    key = (tuple(l.name for l in active), tuple(repr(group[e]) for e in STATIC))
+    key = (tuple(l.name for l in active), tuple(_static_key(group[e]) for e in STATIC))
     tx = grp.transforms.get(key)
     if tx is None:
         alpha1 = 0.5 if grp.keeps_momenta else 0.0
         tx = grp.transforms[key] = transform(group, tuple(l.info for l in active), alpha1)
     return tx
+
+
+def _static_key(value) -> Any:
+    # a tensor (loss_average) by identity: its repr would read it back from the device
+    return ("tensor", id(value)) if isinstance(value, Tensor) else repr(value)
 
 
 def store_factors(state: dict, factors: Factors, momenta: Factors | None) -> None:
@@ -189,7 +205,8 @@ def follow_params(optimizer, layer: Layer) -> dict:
 def check_weight(grp: Group, layer: Layer) -> Tensor:
     """The layer's weight, if its module still holds the parameter the group was built with."""
     w = grp.weight(layer)
-    if _current_weight(layer) is not w:
+    # fully_shard swaps the module's weight for the gathered one around each forward
+    if _current_weight(layer) is not w and not _fsdp.is_sharded(w):
         raise RuntimeError(
             f"the weight of layer {layer.name!r} is no longer the parameter this optimizer "
             "was built with (a new nn.Parameter was assigned, or the model was converted "

@@ -3,7 +3,7 @@
 On steps with ``t % T == 0`` (grad enabled) a forward hook keeps each preconditioned
 layer's input x and registers a tensor hook on its output that receives dL/dz. When a
 backward pass ends, every layer it reached is reduced to one :class:`Part`
-(``statistics.layer_statistics`` and the row / loss-term counts), so accumulating k
+(``statistics.layer_part``: the statistics with their row / loss-term counts), so accumulating k
 micro-batches holds no activations beyond the pass that is running. ``step`` takes the
 parts of all passes since the last step (``_step.py``).
 """
@@ -12,25 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import _distributed
 from ._groups import Layer, all_layers, follow_params
 from ._options import check_T
 from .capture import LayerCapture
 from .layers import layer_kind
-from .statistics import LayerStatistics, layer_statistics
+from .statistics import LayerStatistics, StatisticsPart, accumulate, layer_part
 
-
-class Part(NamedTuple):
-    """One backward pass's contribution to one layer's statistics."""
-
-    stats: LayerStatistics
-    rows: float
-    loss_terms: Any
+Part = StatisticsPart  # one backward pass's contribution to one layer's statistics
 
 
 class CaptureHook:
@@ -153,12 +145,17 @@ def _part(optimizer, layer: Layer, calls: list[tuple[Tensor, Tensor]]) -> Part:
     group, info = optimizer.param_groups[layer.group], layer.info
     state = follow_params(optimizer, layer)
     capture = LayerCapture(tuple(x for x, _ in calls), tuple(g for _, g in calls))
-    stats = layer_statistics(
+    return layer_part(
         info, state["K"], state["C"], capture, kfac_approx=group["kfac_approx"],
         loss_average=group["loss_average"], grad_scale=optimizer._statistics_scale,
     )
-    rows, terms = _distributed.counts(info, capture, group["kfac_approx"], group["loss_average"])
-    return Part(stats, rows, terms)
+
+
+def combine(parts: list[Part], loss_average) -> LayerStatistics | None:
+    """One layer's statistics of the backward passes ``parts`` (gradient accumulation,
+    weighted by their counts; None when every part is empty): what ``step`` uses and
+    what ``opt.H_Ks`` / ``opt.H_Cs`` show before it."""
+    return accumulate(parts, loss_average)
 
 
 def has_parts(optimizer) -> bool:

@@ -5,15 +5,23 @@ Per step: the parts recorded since the last step are accumulated per layer
 (``_distributed``); then each param group's pure transform (``transform.singd``, built
 from the group's static entries and cached) is called with the group's numbers of now
 (``HyperParams``) and its updates are added to the parameters. No formula lives here.
+
+Two variants of the last call share the step's work across processes: parameters
+sharded by ``fully_shard`` go to ``_fsdp.sharded_update`` (row shards), and
+``split_work`` to ``_split.split_update`` (one owner per layer). An unwrapped model's
+gradients are reduced with the statistics (``_distributed.all_reduce_step``).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
-from . import _amp, _distributed, _options, _recording
+from . import _amp, _distributed, _fsdp, _options, _recording, _split, guard
 from ._groups import (
     LOCKED,
     Group,
@@ -27,25 +35,65 @@ from ._groups import (
 )
 from .factors import Factors
 from .precondition import outer_products
-from .statistics import LayerStatistics, accumulate
+from .statistics import LayerStatistics
 from .transform import HyperParams, SINGDState
 
 
 def step(optimizer) -> None:
-    """One SINGD step over every param group (the body of ``SINGD.step``)."""
-    if _amp.skipped(optimizer):
-        _recording.drop(optimizer)  # GradScaler skips this step; so do the statistics
-        optimizer._explicit_grad_scale = None
-        return
+    """One SINGD step over every param group (the body of ``SINGD.step``).
+
+    A step whose gradients or statistics are not finite changes nothing (``guard``):
+    decided on the device, once for all groups and, under DDP, identically on every
+    process. ``group["step"]`` counts the call all the same (it schedules T and
+    ``lr_cov(t)`` and lives on the host, which cannot know the verdict without waiting).
+
+    Groups without statistics this step: the verdict is known before their update, so
+    it enters as numbers: gradients zeroed in place (``guard.zero_where_not_``; the
+    ``p.grad`` of a skipped step reads 0 afterwards), lr and weight
+    decay times ok, momentum 1 where not ok; then v <- 1 v + 0 and the update -0 v
+    leave everything as it was, at the cost of one check and two cheap passes over the
+    gradients. Groups with statistics update first, as usual; the verdict then also
+    takes their new factors, momenta and buffers (a bad statistic or an overflowing
+    update shows there), and each of their changed tensors is selected with
+    ``torch.where``.
+    """
     for grp, group in zip(optimizer._groups, optimizer.param_groups):
         check(grp, group)  # every group before any changes: a step is all or nothing
+    skips = optimizer._skips
+    skips.warn_once()
     with torch.no_grad(), _recording.no_autocast():
         grad_scale, statistics_scale = _amp.scales(optimizer, _recording.has_parts(optimizer))
         for layer in all_layers(optimizer._groups):
             follow_params(optimizer, layer)
-        statistics = _statistics(optimizer, statistics_scale)
-        for grp, group in zip(optimizer._groups, optimizer.param_groups):
-            _update_group(optimizer, grp, group, statistics.get(grp.index, {}), grad_scale)
+        statistics, present, flag = _statistics(optimizer, statistics_scale)
+        plans = [_plan(optimizer, grp, group, statistics.get(grp.index, {}))
+                 for grp, group in zip(optimizer._groups, optimizer.param_groups)]
+        live = [(plan, group) for plan, group in zip(plans, optimizer.param_groups) if plan]
+        # (not yet under fully_shard: its DTensor updates would need a DTensor verdict)
+        sharded = any(_fsdp.is_sharded(p) for plan, _ in live for p in plan.params.values())
+        ok = _verdict(optimizer, [plan for plan, _ in live], flag) \
+            if optimizer._guard and live and not sharded else None
+        # groups with statistics first: their new factors enter the verdict, which the
+        # plain groups then take as numbers (gated); so one verdict holds for all groups
+        results: dict[int, tuple] = {}
+        for n, (plan, group) in enumerate(live):
+            if plan.statistics or ok is None:
+                results[n] = _update(optimizer, plan, group, grad_scale, None)
+        if ok is not None and results:
+            changed = [leaf for n, (_, new) in results.items()
+                       for leaf, _ in guard.changed_leaves(new, live[n][0].state)]
+            ok = ok & guard.all_finite(changed, device=ok.device)
+        selected = set(results) if ok is not None else set()
+        for n, (plan, group) in enumerate(live):
+            if n not in results:
+                results[n] = _update(optimizer, plan, group, grad_scale, ok)
+        for n, (plan, _) in enumerate(live):
+            updates, new = results[n]
+            _apply(optimizer, plan, updates, new, ok if n in selected else None, present)
+        for group in optimizer.param_groups:
+            group["step"] += 1
+        if ok is not None:
+            skips.add(~ok)
     optimizer._explicit_grad_scale = None
 
 
@@ -60,7 +108,7 @@ def check(grp: Group, group: dict) -> None:
             f"optimizer was built (was {dict(zip(LOCKED, grp.locked))}); the factors "
             "cannot change structure: build a new optimizer instead"
         )
-    if not grp.keeps_momenta and not group["kfac_like"] and group["alpha1"] != 0:
+    if grp.layers and not grp.keeps_momenta and not group["kfac_like"] and group["alpha1"] != 0:
         raise ValueError(
             f"{where} was built with alpha1=0 (no Riemannian momenta kept); "
             "it cannot be raised later: build the optimizer with alpha1 > 0"
@@ -69,37 +117,61 @@ def check(grp: Group, group: dict) -> None:
         check_weight(grp, layer)
 
 
-def _statistics(optimizer, statistics_scale) -> dict[int, dict[str, LayerStatistics]]:
-    """Per due group, per layer with a gradient: its accumulated (and reduced) statistics."""
+def _verdict(optimizer, plans, flag) -> Tensor:
+    """0-d bool: every gradient finite, GradScaler agrees, no process saw a bad statistic."""
+    grads = [g for plan in plans for g in plan.grads.values()]
+    ok = guard.all_finite(grads, device=grads[0].device if grads else None)
+    found_inf = _amp.found_inf(optimizer)
+    if found_inf is not None:
+        ok = ok & (found_inf.to(ok.device, non_blocking=True) == 0)
+    if flag is not None:
+        ok = ok & (flag.to(ok.device, non_blocking=True) == 0)
+    return ok
+
+
+def _statistics(optimizer, statistics_scale):
+    """Per due group, per layer with a gradient: its accumulated (and reduced) statistics.
+
+    Returns ``(statistics, present, flag)``: ``present`` maps the layers this process
+    had no statistics for to a 0-d bool (did any process have some? DDP only), and
+    ``flag`` is the number of processes whose statistics were not finite (0-d, DDP
+    only, reduced in the statistics' one collective); both None / empty otherwise.
+    Nothing is read back to the host.
+    """
     parts = _recording.take(optimizer)
     ratio = None
     if statistics_scale is not None:
-        scale = float(statistics_scale)
-        if scale != optimizer._statistics_scale:
-            ratio = (optimizer._statistics_scale / scale) ** 2
-        optimizer._statistics_scale = scale
+        old = optimizer._statistics_scale
+        if isinstance(statistics_scale, Tensor) or isinstance(old, Tensor):
+            ratio = (old / statistics_scale) ** 2  # on the device: powers of 2 stay exact
+        elif statistics_scale != old:
+            ratio = (old / statistics_scale) ** 2
+        optimizer._statistics_scale = statistics_scale
 
     entries: list[tuple[Group, Layer, _distributed.LocalStatistics, object]] = []
     for grp, group in zip(optimizer._groups, optimizer.param_groups):
         if group["step"] % group["T"] != 0:
             continue
         for layer in grp.layers:
-            layer_parts = parts.get(layer.name)
+            layer_parts = parts.get(layer.name) or []
             stats = None
             if layer_parts and grp.weight(layer).grad is not None:
-                stats = accumulate([p.stats for p in layer_parts], group["loss_average"])
-                if ratio is not None:  # H_C was divided by the expected scale squared
+                stats = _recording.combine(layer_parts, group["loss_average"])
+                if stats is not None and ratio is not None:
+                    # H_C was divided by the expected scale squared
                     stats = LayerStatistics(stats.H_K, stats.H_C * ratio)
             local = _distributed.LocalStatistics(
                 stats,
-                sum(p.rows for p in layer_parts or ()),
-                sum(p.loss_terms for p in layer_parts or ()),
+                sum(p.rows for p in layer_parts),
+                sum(p.loss_terms for p in layer_parts),
             )
             entries.append((grp, layer, local, group["loss_average"]))
 
+    present: dict[str, Tensor] = {}
+    flag = None
     process_group = _distributed.resolve_group(optimizer.process_group)
     if process_group is None:
-        reduced = [local.stats for _, _, local, _ in entries]
+        reduced = [(local.stats, None) for _, _, local, _ in entries]
     else:
         templates = []
         for grp, layer, local, loss_average in entries:
@@ -107,15 +179,30 @@ def _statistics(optimizer, statistics_scale) -> dict[int, dict[str, LayerStatist
             zeros = LayerStatistics(state["K"].map(torch.zeros_like),
                                     state["C"].map(torch.zeros_like))
             templates.append((zeros, local, loss_average))
-        reduced = _distributed.all_reduce_statistics(templates, process_group)
+        if templates:
+            mine = [t for _, _, local, _ in entries if local.stats is not None
+                    for M in local.stats for t in M.leaves]
+            anchor = templates[0][0].H_K.device
+            flag = (~guard.all_finite(mine, device=anchor)).to(torch.float32)
+        grads = _gradients_to_reduce(optimizer)
+        reduced, summed = _distributed.all_reduce_step(templates, grads, process_group,
+                                                       nonfinite=flag)
+        for (p, g, _), total in zip(grads, summed):
+            if g is not None and total is not None:
+                g.copy_(total)
+            else:
+                p.grad = total
 
     out: dict[int, dict[str, LayerStatistics]] = {}
     unrecorded = []
-    for (grp, layer, _, _), stats in zip(entries, reduced):
+    for (grp, layer, _, _), (stats, here) in zip(entries, reduced):
         if stats is not None:
             out.setdefault(grp.index, {})[layer.name] = stats
-        elif grp.weight(layer).grad is not None and layer.name not in optimizer._unrecorded:
-            unrecorded.append(layer.name)
+            if here is not None:
+                present[layer.name] = here
+        elif (grp.weight(layer).grad is not None and not parts.get(layer.name)
+              and layer.name not in optimizer._unrecorded):
+            unrecorded.append(layer.name)  # (an empty batch did record: no warning)
     if unrecorded:
         optimizer._unrecorded.update(unrecorded)
         warnings.warn(
@@ -126,17 +213,29 @@ def _statistics(optimizer, statistics_scale) -> dict[int, dict[str, LayerStatist
             "another optimizer",
             stacklevel=4,
         )
-    return out
+    return out, present, flag
 
 
-def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_scale) -> None:
+class _Plan(NamedTuple):
+    grp: Group
+    keys: list
+    no_grad: set
+    grads: dict
+    params: dict
+    layer_state: dict
+    state: SINGDState
+    statistics: dict
+    active: tuple
+
+
+def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
+    """What the group's update needs, read from the optimizer; nothing is changed here."""
     active = tuple(l for l in grp.layers if grp.weight(l).grad is not None)
     layer_keys = {k for l in grp.layers for k in l.info.params}
     keys = [k for l in active for k in l.info.params]
     keys += [k for k, p in grp.params.items() if k not in layer_keys and p.grad is not None]
     if not keys:
-        group["step"] += 1
-        return
+        return None
     st_of = optimizer.state
     for k in keys:
         p, st = grp.params[k], st_of[grp.params[k]]
@@ -151,39 +250,142 @@ def _update_group(optimizer, grp: Group, group: dict, statistics: dict, grad_sca
     params = {k: grp.params[k].detach() for k in keys}
     layer_state = {l.name: st_of[grp.weight(l)] for l in active}
     factors = {n: Factors(s["K"], s["C"]) for n, s in layer_state.items()}
+    statistics = {n: s for n, s in statistics.items() if n in layer_state}
     state = SINGDState(
         count=torch.tensor(group["step"]),
         factors=factors,
         momenta={n: Factors(s["m_K"], s["m_C"]) for n, s in layer_state.items() if "m_K" in s},
         velocity={k: st_of[grp.params[k]]["momentum_buffer"] for k in keys},
         fallback=(),
-        products=_cached_products(active, factors) if group["T"] > 1 else {},
+        products=_cached_products(active, factors, statistics) if group["T"] > 1 else {},
     )
-    statistics = {n: s for n, s in statistics.items() if n in layer_state}
-    updates, new = group_transform(grp, group, active).update(
-        grads, state, params,
-        statistics=statistics or None,
-        hyperparams=hyperparams(grp, group, due=bool(statistics)),
-        grad_scale=grad_scale,
-    )
-    for k in keys:
-        if k in no_grad:
+    return _Plan(grp, keys, no_grad, grads, params, layer_state, state, statistics, active)
+
+
+def _update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None):
+    """The group's pure update; with ``gate``, a no-op where the gate is False (``step``)."""
+    hp = hyperparams(plan.grp, group, due=bool(plan.statistics))
+    grads = plan.grads
+    if gate is not None:
+        # in place: finite gradients stay bit for bit, those of a skipped step become 0
+        grads = {k: guard.zero_where_not_(gate, g) for k, g in grads.items()}
+        wide = gate.to(torch.float64)
+        lr, momentum, weight_decay = hp.lr, hp.momentum, hp.weight_decay
+        assert lr is not None and momentum is not None and weight_decay is not None  # filled
+        hp = hp._replace(
+            lr=lr * wide,
+            momentum=torch.where(gate, wide.new_full((), 0.0) + momentum, wide.new_ones(())),
+            weight_decay=weight_decay * wide if _nonzero(weight_decay) else weight_decay,
+        )
+    options = dict(statistics=plan.statistics or None, grad_scale=grad_scale, hyperparams=hp)
+    grp, active = plan.grp, plan.active
+    infos = tuple(l.info for l in active)
+    split_group = _distributed.resolve_group(optimizer.process_group) \
+        if optimizer.split_work else None  # (refused for fully_shard models in SINGD())
+
+    def make_tx(layer_infos):
+        return group_transform(grp, group, tuple(l for l in active if l.info in layer_infos))
+
+    if any(_fsdp.is_sharded(p) for p in plan.params.values()):  # fully_shard: row shards
+        return _fsdp.sharded_update(infos, make_tx, grads, plan.state, plan.params, **options)
+    if split_group is not None:  # each layer's work on its owner, one all_gather
+        return _split.split_update(
+            infos, make_tx, grads, plan.state, plan.params,
+            owners=_owners(optimizer, split_group), group=split_group, **options,
+        )
+    return group_transform(grp, group, active).update(grads, plan.state, plan.params, **options)
+
+
+def _nonzero(value) -> bool:
+    return isinstance(value, Tensor) or value != 0
+
+
+def _apply(optimizer, plan: _Plan, updates, new: SINGDState, ok: Tensor | None,
+           present: dict) -> None:
+    """Write the update into the parameters and the optimizer state.
+
+    With ``ok`` (statistics steps), every changed tensor is ``torch.where``-selected on
+    it; a layer that no process had statistics for (``present``, DDP) keeps its factors.
+    """
+    grp, st_of, old = plan.grp, optimizer.state, plan.state
+    keep = {n: (present[n] if n in present else None) for n in plan.layer_state}
+    if ok is not None:
+        keep = {n: ok if k is None else ok & k for n, k in keep.items()}
+        new = new._replace(velocity=guard.select(ok, new.velocity, old.velocity))
+        updates = {k: guard.zero_where_not_(ok, u) for k, u in updates.items()}  # ours
+    if any(k is not None for k in keep.values()):
+        def pick(tree, old_tree):
+            return {n: guard.select(keep[n], t, old_tree[n])
+                    if keep.get(n) is not None and n in old_tree else t
+                    for n, t in tree.items()}
+        factors = pick(new.factors, old.factors)
+        # a layer whose old products were dropped before its factor update
+        # (_cached_products) has none to select: its products are rebuilt from the
+        # selected factors (the same numbers as the core's where the step is kept).
+        # TODO(speed): the core's own rebuild of these is then wasted work.
+        products = {n: outer_products(*factors[n])
+                    if keep.get(n) is not None and n not in old.products else t
+                    for n, t in new.products.items()}
+        new = new._replace(factors=factors,
+                           momenta=pick(new.momenta, old.momenta),
+                           products=pick(products, old.products))
+    for k in plan.keys:
+        if k in plan.no_grad:
             continue
         p = grp.params[k]
-        p.add_(updates[k].to(p.dtype))
+        _fsdp.local(p).add_(updates[k].to(p.dtype))  # a sharded p: its rows
         st_of[p]["momentum_buffer"] = new.velocity[k]
-    for name, st in layer_state.items():
+    for name, st in plan.layer_state.items():
         store_factors(st, new.factors[name], new.momenta.get(name))
-    for layer in active:
+    for layer in plan.active:
         if layer.name in new.products:
             layer.products = new.products[layer.name]
-    group["step"] += 1
 
 
-def _cached_products(active: tuple[Layer, ...], factors: dict[str, Factors]) -> dict:
-    """K K^T and C C^T of each layer, recomputed where missing or out of date."""
+def _gradients_to_reduce(optimizer) -> list[tuple[Tensor, Tensor | None, bool]]:
+    """(parameter, local gradient, summed?) of every parameter, if the step reduces them.
+
+    It does for an unwrapped model (``reduce_gradients`` None: neither wrapped in
+    DistributedDataParallel nor sharded by fully_shard, which reduce them already).
+    """
+    reduce = optimizer.reduce_gradients
+    if reduce is None:
+        reduce = not isinstance(optimizer.model, DistributedDataParallel) and not any(
+            _fsdp.is_sharded(p) for grp in optimizer._groups for p in grp.params.values()
+        )
+    if not reduce:
+        return []
+    return [(p, p.grad, group["loss_average"] is None)
+            for grp, group in zip(optimizer._groups, optimizer.param_groups)
+            for p in grp.params.values()]
+
+
+def _owners(optimizer, process_group) -> dict[str, int]:
+    """The owner rank of every layer under ``split_work`` (chosen once per world size)."""
+    world = torch.distributed.get_world_size(process_group)
+    if optimizer._split_owners is None or optimizer._split_owners[0] != world:
+        costs = {}
+        for grp, group in zip(optimizer._groups, optimizer.param_groups):
+            for layer in grp.layers:
+                st = optimizer.state[grp.weight(layer)]
+                costs[layer.name] = _split.layer_cost(layer.info, st["K"], st["C"], group["T"])
+        optimizer._split_owners = (world, _split.assign(costs, world))
+    return optimizer._split_owners[1]
+
+
+def _cached_products(active: tuple[Layer, ...], factors: dict[str, Factors],
+                     updating: dict) -> dict:
+    """K K^T and C C^T of each layer, recomputed where missing or out of date.
+
+    Layers in ``updating`` get new factors this step, and the core builds their new
+    products from those: their old products are dropped here, before the new ones exist
+    (two d x d matrices less at the step's peak with dense factors).
+    """
     out = {}
     for layer in active:
+        if layer.name in updating:
+            layer.products = None
+            continue
         K, C = factors[layer.name]
         cached = layer.products
         fresh = cached is not None and all(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -93,11 +93,15 @@ def warn_if_tracked(params) -> None:
             return
 
 
-def apply_updates(params, updates):
+def apply_updates(
+    params: Mapping[str, Tensor], updates: Mapping[str, Tensor | None]
+) -> dict[str, Tensor]:
     """``params + updates`` leaf by leaf, out of place; a missing/None update keeps the leaf."""
-    return {
-        k: (p if updates.get(k) is None else p + updates[k].to(p.dtype)) for k, p in params.items()
-    }
+    out = {}
+    for k, p in params.items():  # a loop: dynamo cannot read a comprehension's walrus cell
+        u = updates.get(k)
+        out[k] = p if u is None else p + u.to(p.dtype)
+    return out
 
 
 def takes_labels(update: Callable) -> Callable:
@@ -166,7 +170,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     return GradientTransformation(init, update, declared, names)
 
 
-def masked(inner: GradientTransformation, keys) -> GradientTransformation:
+def masked(inner: GradientTransformation, keys: Iterable[str]) -> GradientTransformation:
     """Apply ``inner`` only to the entries whose key is in ``keys`` (others pass through)."""
     keys = frozenset(keys)
 
@@ -259,7 +263,7 @@ def partition(
 
 
 class ScheduleState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count (optax's name)
 
 
 def scale_by_schedule(schedule: Callable[[Tensor], Any]) -> GradientTransformation:

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optree
 import torch
@@ -45,9 +46,9 @@ from singd_functional import structures as _structures
 # Hyperparameters of the comparison. SINGD's come from a small search on this task
 # (lr in {3e-3, 5e-3, 1e-2} x damping in {1e-3, 1e-2, 1e-1}); the sweep shows how its
 # result depends on lr. AdamW's and SGD's are common choices, not tuned here.
-SINGD_HP = dict(lr=1e-2, momentum=0.9, damping=1e-1, lr_cov=1e-2, T=2)
-ADAMW_HP = dict(lr=3e-3, weight_decay=1e-2)
-SGD_HP = dict(lr=0.03, momentum=0.9)
+SINGD_HP: dict[str, Any] = dict(lr=1e-2, momentum=0.9, damping=1e-1, lr_cov=1e-2, T=2)
+ADAMW_HP: dict[str, Any] = dict(lr=3e-3, weight_decay=1e-2)
+SGD_HP: dict[str, Any] = dict(lr=0.03, momentum=0.9)
 SWEEP_LRS = (1e-3, 3e-1)  # log-spaced range of the learning-rate sweep
 # The character transformer's (benchmarks/transformer_bench.py tuned the lrs on this
 # model: see benchmarks/results/transformer_bench.md).
@@ -237,7 +238,8 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in ``optimizer.state`` (structured factors included)."""
-    leaves = optree.tree_leaves(list(optimizer.state.values()), namespace=sf.PYTREE_NAMESPACE)
+    states: Any = list(optimizer.state.values())  # optree's PyTree type admits no list
+    leaves = optree.tree_leaves(states, namespace=sf.PYTREE_NAMESPACE)
     return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, Tensor))
 
 
@@ -254,12 +256,15 @@ class Run:
     state_bytes: int = 0
 
 
-def optimizers(structures: list[tuple[str, str]]) -> dict[str, Callable[[nn.Module], object]]:
+def optimizers(
+    structures: list[tuple[str, str]],
+) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
     """Name -> factory ``model -> torch.optim.Optimizer``, in table order."""
-    out: dict[str, Callable[[nn.Module], object]] = {}
-    for K, C in structures:
-        label = K if K == C else f"{K}:{C}"
-        out[f"SINGD ({label})"] = lambda m, K=K, C=C: sf.SINGD(m, structures=(K, C), **SINGD_HP)
+
+    def singd(pair: tuple[str, str]) -> Callable[[nn.Module], torch.optim.Optimizer]:
+        return lambda m: sf.SINGD(m, structures=pair, **SINGD_HP)
+
+    out = {f"SINGD ({K if K == C else f'{K}:{C}'})": singd((K, C)) for K, C in structures}
     out["AdamW"] = lambda m: torch.optim.AdamW(m.parameters(), **ADAMW_HP)
     out["SGD (momentum)"] = lambda m: torch.optim.SGD(m.parameters(), **SGD_HP)
     return out
@@ -352,7 +357,7 @@ def sweep_lrs(
     n = len(data.y_train)
     T, t, wall = SINGD_HP["T"], 0, 0.0
     label = structure[0] if structure[0] == structure[1] else ":".join(structure)
-    last_epoch = []
+    last_epoch: list[Tensor] = []
     with tqdm(total=epochs * math.ceil(n / batch_size), desc=f"sweep x{size} ({label})",
               unit="step", dynamic_ncols=True, file=sys.stderr) as bar:
         for _ in range(epochs):
@@ -481,10 +486,11 @@ def plot_transformer(runs: list[GPTRun], path: Path) -> None:
 
 # ----------------------------------------------------------------------------- reports
 def human_bytes(n: int) -> str:
+    size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
     raise AssertionError  # unreachable
 
 

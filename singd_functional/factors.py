@@ -1,6 +1,6 @@
 """Stage 4 of the data path: the inverse-free update of the factors K and C.
 
-ALGORITHM.md, "Preconditioner update" (lam = damping, rho = 1/2 or (1 - alpha1)/2)::
+docs/algorithm.md#factor-update (lam = damping, rho = 1/2 or (1 - alpha1)/2)::
 
     SINGD:  D_K = rho (avg_tr(H_C) H_K + lam avg_tr(CtC) KtK - I)      (and C alike)
     IKFAC:  D_K = rho (H_K + lam KtK - I)

@@ -45,7 +45,7 @@ def _heavy_ball(updates: dict, velocity: dict, momentum) -> dict:
     """momentum v + u per key of ``velocity`` (fused when ``momentum`` is a float)."""
     if _is_float(momentum):
         return {k: torch.add(updates[k], v, alpha=momentum) for k, v in velocity.items()}
-    return {k: v * momentum + updates[k] for k, v in velocity.items()}
+    return {k: torch.addcmul(updates[k], v, momentum) for k, v in velocity.items()}  # one pass
 
 
 def _scaled(updates: dict, lr) -> dict:
@@ -170,7 +170,7 @@ def sgd(
 
 
 class AdamWState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count (optax's name)
     mu: dict[str, Tensor]
     nu: dict[str, Tensor]
 

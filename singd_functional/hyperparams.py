@@ -71,11 +71,12 @@ def check_values(values: Mapping[str, Any], below_one: frozenset[str] = frozense
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a float or a 0-d tensor, got {value!r}")
-        if value != value or value in (math.inf, -math.inf):
+        number = float(value)
+        if number != number or number in (math.inf, -math.inf):
             raise ValueError(f"{name} must be finite, got {value}")
-        if value < 0:
+        if number < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-        if name in below_one and value >= 1:
+        if name in below_one and number >= 1:
             raise ValueError(f"{name} must be < 1, got {value}")
 
 
@@ -97,7 +98,7 @@ def restrict(hp: HyperParams, names: frozenset[str]) -> HyperParams:
     """``hp`` with the fields outside ``names`` set to None (``hp`` itself if none is set)."""
     for i, name in enumerate(FIELDS):
         if hp[i] is not None and name not in names:
-            return HyperParams(*(v if FIELDS[j] in names else None for j, v in enumerate(hp)))
+            return hp._replace(**{other: None for other in FIELDS if other not in names})
     return hp
 
 

@@ -31,12 +31,15 @@ are an error unless a kind says how to handle it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._types import Structures
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,9 @@ class LayerKind:
             call node becomes a call of it); the drop-in calls it from a forward hook
             on recording steps and uses its output (the module's own is dropped). With
             None, capture records ``args[0]`` and perturbs the module's output.
+        yields_tied: when a layer of another kind shares this layer's weight (weight
+            tying, e.g. ``head.weight is embedding.weight``), that layer owns the weight
+            and this one is dropped, wherever the two are in ``named_modules()``.
     """
 
     name: str
@@ -170,6 +176,7 @@ class LayerKind:
     statistics: Callable[..., Any] | None = None
     structures: tuple[str | None, str | None] = (None, None)
     forward: Callable[..., Any] | None = None
+    yields_tied: bool = False
 
     def __repr__(self) -> str:
         return f"LayerKind({self.name!r})"
@@ -190,10 +197,10 @@ def _describe_linear(name: str, mod: Any, param_keys: Mapping[int, str]):
 
 
 def _linear_rows(info: LayerInfo, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    if x.dim() == 1:
+    if x.dim() == 1:  # an unbatched input: a batch of one
         x, g = x.unsqueeze(0), g.unsqueeze(0)
-    n = x.shape[0]
-    return x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1])
+    n, s = x.shape[0], math.prod(x.shape[1:-1])  # explicit S: an empty batch reshapes too
+    return x.reshape(n, s, x.shape[-1]), g.reshape(n, s, g.shape[-1])
 
 
 def _conv_padding(mod: Any, ks: tuple[int, int], dil: tuple[int, int]):
@@ -243,7 +250,7 @@ def _patches(info: LayerInfo, x: Tensor) -> Tensor:
     """Unfolded input patches of a conv layer: [N, d_in, positions]."""
     if info.kind == "conv1d":
         x = x.unsqueeze(-2)
-    if info.groups > 1:  # docs/algorithm.md: average the input channels over the groups
+    if info.groups > 1:  # docs/algorithm.md#statistics: average the input channels over the groups
         n, ch = x.shape[0], x.shape[1]
         x = x.reshape(n, info.groups, ch // info.groups, *x.shape[2:]).mean(1)
     top, bottom, left, right = info.padding
@@ -258,6 +265,8 @@ def _patches(info: LayerInfo, x: Tensor) -> Tensor:
 
 
 def _conv_rows(info: LayerInfo, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    if x.dim() == (2 if info.kind == "conv1d" else 3):  # unbatched (C, L) / (C, H, W)
+        x, g = x.unsqueeze(0), g.unsqueeze(0)
     return _patches(info, x).transpose(1, 2), g.flatten(2).transpose(1, 2)
 
 
@@ -348,6 +357,12 @@ def kind_of_module(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def layer_types() -> tuple[type, ...]:
+    """The module types registered with a kind (their subclasses are layers too), i.e.
+    what ``isinstance(module, layer_types())`` needs, for the official ``SUPPORTED_MODULES``."""
+    return tuple(t for t, kind in _BY_TYPE.items() if kind is not None and kind is not OPAQUE)
+
+
 def layer_kind(info: LayerInfo | str) -> LayerKind:
     """The :class:`LayerKind` of a layer (or of a kind name)."""
     name = info if isinstance(info, str) else info.kind
@@ -365,10 +380,13 @@ def module_layers(model: nn.Module, param_keys: Mapping[int, str]):
 
     ``param_keys`` maps ``id(parameter)`` to its key for the parameters that may be
     trained. A module with a kind speaks for its whole subtree: the modules below it
-    are not visited (``nn.MultiheadAttention``'s kind owns ``out_proj``). A parameter
-    claimed by two layers (weight tying across modules) is a ValueError.
+    are not visited (``nn.MultiheadAttention``'s kind owns ``out_proj``). Of two layers
+    of different kinds sharing a weight, the one whose kind ``yields_tied`` (an
+    embedding tied to a Linear head) gives it up; any other parameter claimed by two
+    layers (weight tying across modules) is a ValueError.
     """
     owner: dict[str, str] = {}  # parameter key -> name of the layer that owns it
+    found_layers: list[tuple[str, nn.Module, LayerInfo]] = []
     covered: list[str] = []  # paths of modules with a kind (their subtrees are theirs)
     for path, mod in model.named_modules():
         if any(path.startswith(c + ".") or c == "" for c in covered):
@@ -381,6 +399,13 @@ def module_layers(model: nn.Module, param_keys: Mapping[int, str]):
         if found is None:
             continue
         for info in (found,) if isinstance(found, LayerInfo) else tuple(found):
+            tied = [e for e in found_layers if e[2].weight == info.weight]
+            if tied and _yields_to(tied[0][2], info) is info:
+                continue  # e.g. an embedding tied to an earlier Linear head
+            if tied and _yields_to(tied[0][2], info) is tied[0][2]:
+                found_layers.remove(tied[0])  # the earlier layer gives its weight up
+                for k in tied[0][2].params:
+                    owner.pop(k, None)
             shared = [k for k in info.params if k in owner]
             if shared:
                 raise ValueError(
@@ -391,10 +416,19 @@ def module_layers(model: nn.Module, param_keys: Mapping[int, str]):
                 )
             for k in info.params:
                 owner[k] = info.name
-            yield path, mod, info
+            found_layers.append((path, mod, info))
+    yield from found_layers
 
 
-def find_layers(model: nn.Module, params=None) -> tuple[LayerInfo, ...]:
+def _yields_to(first: LayerInfo, second: LayerInfo) -> LayerInfo | None:
+    """Of two layers of different kinds sharing a weight, the one that gives it up."""
+    a, b = layer_kind(first).yields_tied, layer_kind(second).yields_tied
+    return None if a == b else (first if a else second)
+
+
+def find_layers(
+    model: nn.Module, params: Iterable[Tensor] | None = None
+) -> tuple[LayerInfo, ...]:
     """Describe every layer of ``model`` whose weight is trained (the layer rule above).
 
     Built-in kinds: ``nn.Linear`` (any number of leading dims), ``nn.Conv1d``,
@@ -421,7 +455,14 @@ def find_layers(model: nn.Module, params=None) -> tuple[LayerInfo, ...]:
 
 
 # ------------------------------------------------------------------- describe()
-def describe(layers, structures=("dense", "dense")) -> str:
+def _label(structure: str | type) -> str:
+    """A structure's name, given as a name or as a structure type."""
+    return structure if isinstance(structure, str) else getattr(structure, "name", str(structure))
+
+
+def describe(
+    layers: Iterable[LayerInfo], structures: Structures = ("dense", "dense")
+) -> str:
     """A readable table of what is preconditioned: name, kind, d_K, d_C, structures.
 
     Args:
@@ -435,7 +476,7 @@ def describe(layers, structures=("dense", "dense")) -> str:
         pair = structures.get(info.name, ("dense", "dense")) if isinstance(
             structures, Mapping) else structures
         forced = layer_kind(info).structures
-        K, C = (f if f is not None else s for f, s in zip(forced, pair))
+        K, C = (_label(f if f is not None else s) for f, s in zip(forced, pair))
         rows.append((info.name, info.kind, str(info.d_K), str(info.d_C), K, C,
                      ", ".join(info.params)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

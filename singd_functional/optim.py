@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _checkpoint, _distributed, _options, _recording, _step
+from . import _checkpoint, _distributed, _fsdp, _options, _recording, _step
 from ._groups import (
     Group,
     all_layers,
@@ -34,16 +34,19 @@ from ._groups import (
     not_preconditioned,
     remove_hooks,
 )
+from ._official_compat import OfficialNames
+from ._types import LossAverage, Params, PreconditionerDtype, Structures
+from .guard import SkipCounter
 from .layers import LayerInfo, describe, summary
 
 _log = logging.getLogger("singd_functional")
 
 
-class SINGD(torch.optim.Optimizer):
+class SINGD(OfficialNames, torch.optim.Optimizer):
     r"""SINGD / IKFAC (Lin et al., ICML 2024) as a ``torch.optim.Optimizer``.
 
     Same constructor and numbers as the official package's ``singd.optim.optimizer.SINGD``
-    (ALGORITHM.md); a one-line import change switches. Use it like any optimizer::
+    (docs/algorithm.md); a one-line import change switches. Use it like any optimizer::
 
         opt = SINGD(model, lr=1e-3, T=10)
         for x, y in loader:
@@ -94,25 +97,47 @@ class SINGD(torch.optim.Optimizer):
             expected scale, which keeps low-precision factors finite; the exact scale
             of each step is removed at ``step``).
         normalize_lr_cov: rho = (1 - alpha1)/2 and beta1 / max(1, max|m|).
+        split_work: under replicated data parallelism (DDP or an unwrapped model), do
+            each layer's factor update and preconditioning on one process only (chosen
+            by a cost model) and exchange the results in one ``all_gather`` per step
+            (per param group); every process still ends each step with the same
+            parameters and state.
+            Pays for wide dense layers and small T (docs/distributed.md).
+
+    Non-finite steps: a step whose gradients or Kronecker statistics hold a NaN or an
+    inf (one bad input row, a NaN loss, one bad micro-batch, an activation whose square
+    overflows) changes nothing: parameters, K, C, m_K, m_C and momentum buffers stay
+    as they were, with or without a GradScaler. The decision is taken on the device
+    (no host synchronisation; under DDP it is the same on every process);
+    ``opt.skipped_steps`` counts such steps and the first one is warned about (at the
+    next step). ``param_groups[i]["step"]`` counts every call of :meth:`step`, skipped
+    ones included: it schedules T and ``lr_cov(t)``, so a skipped statistics step is
+    not redone at the next step. The ``p.grad`` of a skipped step reads 0 after it (the
+    step zeroes non-finite gradients in place rather than copying every gradient).
 
     GradScaler: use it as with any optimizer, ``scaler.step(opt)``, with or without
-    ``scaler.unscale_(opt)`` before (e.g. to clip gradients). Steps with non-finite
-    gradients are skipped with state and parameters untouched, and the statistics of
-    that backward pass are dropped. The scale is removed from the gradients and from
-    H_C (divided by s^2). After ``scaler.unscale_(opt)`` the optimizer reads the scale
-    is no longer known to the optimizer: add ``opt.set_current_grad_scale(scaler.get_scale())``
+    ``scaler.unscale_(opt)`` before (e.g. to clip gradients). Steps it finds non-finite
+    are skipped as above, and the statistics of that backward pass are dropped. The
+    scale is removed from the gradients and from H_C (divided by s^2). After
+    ``scaler.unscale_(opt)`` the scale of the recorded output gradients is no longer
+    known to the optimizer: add ``opt.set_current_grad_scale(scaler.get_scale())``
     before ``scaler.step(opt)`` (the official package requires the same line); a step
     that needs it and lacks it raises before changing anything.
 
     Statistics follow gradients: they accumulate over all backward passes since the
-    last :meth:`step` or :meth:`zero_grad` (gradient accumulation, ALGORITHM.md).
+    last :meth:`step` or :meth:`zero_grad` (docs/algorithm.md#gradient-accumulation).
 
     Multi-process: when ``torch.distributed`` is initialised with more than one
     process, the statistics are all-reduced (one flat buffer per step) over
     ``opt.process_group`` (default: the world group; set it to None to train each
-    process on its own). Gradients are never touched: wrap the model in
-    ``DistributedDataParallel``, or average ``p.grad`` over the processes before
-    ``step`` yourself.
+    process on its own). A model wrapped in ``DistributedDataParallel`` or sharded with
+    ``fully_shard`` (FSDP2, HSDP) comes with averaged gradients. For an unwrapped model
+    the step reduces ``p.grad`` itself, in the same collective, as the official package
+    does: averaged for a mean loss, summed for a sum loss (``loss_average=None``); the
+    processes then train as one on the concatenated batch. Set
+    ``opt.reduce_gradients = False`` when something else reduces them (e.g. a DDP
+    wrapper you did not pass to SINGD), True to force it. docs/distributed.md says what
+    travels in each mode.
 
     A layer without gradient in a step (unused, frozen) is skipped; its state is kept.
     Moving or casting the model after construction (``model.to(...)``) is fine: the
@@ -124,22 +149,23 @@ class SINGD(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        params=None,
+        params: Params | None = None,
         lr: float = 1e-3,
         momentum: float = 0.9,
         damping: float = 1e-3,
         alpha1: float = 0.5,
         weight_decay: float = 0.0,
         T: int = 10,
-        loss_average: str | None = "batch",
+        loss_average: LossAverage = "batch",
         lr_cov: float | Callable[[int], float] = 1e-2,
-        structures: str | tuple[str, str] = ("dense", "dense"),
+        structures: str | Structures = ("dense", "dense"),
         kfac_approx: str = "expand",
         warn_unsupported: bool = True,
         kfac_like: bool = False,
-        preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
+        preconditioner_dtype: PreconditionerDtype = (None, None),
         init_grad_scale: float = 1.0,
         normalize_lr_cov: bool = False,
+        split_work: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"SINGD(model, ...): model must be an nn.Module, got {type(model)}")
@@ -152,6 +178,9 @@ class SINGD(torch.optim.Optimizer):
         self.warn_unsupported = warn_unsupported
         self.init_grad_scale = _options.check_init_grad_scale(init_grad_scale)
         self.process_group: Any = _distributed.WORLD
+        self.reduce_gradients: bool | None = None  # None: when the model is unwrapped
+        self.split_work = bool(split_work)
+        self._split_owners: tuple[int, dict[str, int]] | None = None  # (world, owners)
         # one record per param group (same index), holding its layers: the single source
         # of the group/layer mapping and of what the hooks recorded
         self._groups: list[Group] = []
@@ -162,6 +191,9 @@ class SINGD(torch.optim.Optimizer):
         # the scale the stored statistics are divided by; the exact one is applied at step
         self._statistics_scale = self.init_grad_scale
         self._explicit_grad_scale: float | Tensor | None = None
+        # skipping non-finite steps (guard.py); False only to measure what it costs
+        self._guard = True
+        self._skips = SkipCounter()
         explicit = params is not None
         if params is None:
             params = default_parameters(model, warn_unsupported)
@@ -181,6 +213,16 @@ class SINGD(torch.optim.Optimizer):
             normalize_lr_cov=normalize_lr_cov,
         )
         super().__init__(params, defaults)
+        if self.split_work and any(_fsdp.is_sharded(p) for g in self.param_groups
+                                   for p in g["params"]):
+            raise ValueError(
+                "split_work=True is for replicated data parallelism (DDP or an unwrapped "
+                "model); a fully_shard model already shares the step by row shards: "
+                "drop split_work"
+            )
+        for layer in all_layers(self._groups):
+            named = self._groups[layer.group].params  # not `params`: the argument above
+            _fsdp.check_shardable(layer.info, named, self.state[named[layer.info.weight]]["K"])
         plain = not_preconditioned(self)
         if explicit and plain and warn_unsupported:
             warnings.warn(
@@ -218,6 +260,13 @@ class SINGD(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
+    @property
+    def skipped_steps(self) -> Tensor:
+        """How many steps were skipped for non-finite gradients or statistics (0-d int64
+        tensor on the parameters' device; reading its value waits for the device)."""
+        count = self._skips.count
+        return torch.zeros((), dtype=torch.int64) if count is None else count
+
     def set_current_grad_scale(self, grad_scale: float | Tensor) -> None:
         """Give the loss scale of the coming :meth:`step` (as the official package).
 
@@ -226,6 +275,7 @@ class SINGD(torch.optim.Optimizer):
         Also for a loss you scale yourself (gradients and statistics are then divided
         by it). Not needed with a plain ``scaler.step(opt)``. It holds for one step.
         """
+        self._check_first_grad_scale(grad_scale)
         self._explicit_grad_scale = grad_scale
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -233,7 +283,7 @@ class SINGD(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
         _recording.drop_parts(self)
 
-    def step(self, closure: Callable[[], Any] | None = None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One SINGD step; ``closure`` (optional) re-evaluates the loss with grad enabled."""
         loss = None
         if closure is not None:

@@ -69,8 +69,9 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import optree
 import torch
@@ -264,10 +265,10 @@ def _own_code(fn: Callable, name: str) -> Callable:
     closures made by one factory would share that budget (and each other's guards) and
     fall back to eager after a few instances. One code object per function avoids it.
     """
-    names = {"co_name": name}
-    if hasattr(fn.__code__, "co_qualname"):  # Python >= 3.11
-        names["co_qualname"] = name
-    fn.__code__ = fn.__code__.replace(**names)
+    code = fn.__code__.replace(co_name=name)
+    if sys.version_info >= (3, 11):
+        code = code.replace(co_qualname=name)
+    fn.__code__ = code
     fn.__name__ = fn.__qualname__ = name
     return fn
 
@@ -424,7 +425,7 @@ def make_sweep(
                     "stacked=True: every parameter needs the same leading member axis, "
                     f"got leading sizes {sorted(map(str, sizes))}"
                 )
-            n = sizes.pop()
+            (n,) = (s for s in sizes if s is not None)
             if size is not None and n != size:
                 raise ValueError(
                     f"the stacked parameters have {n} members, the hyperparameters {size}"
@@ -451,6 +452,7 @@ def make_sweep(
     def member_step(params, opt_state, hp, *batch, with_statistics: bool):
         """One member's step of the core (no masking)."""
         fn = single.step if with_statistics else single.plain_step
+        given: HyperParams | dict[str, HyperParams]
         if labelled:
             given = {
                 label: HyperParams(**sh, **hp.get(label, {})) for label, sh in shared_hp.items()
@@ -497,12 +499,11 @@ def make_sweep(
             # several times faster than vmap's own pytree handling), returns only the
             # tensors the step changed, and the mask is applied after it, on the
             # stacked tensors (a few ops over [N, ...] instead of batched ops per leaf).
-            leaves, spec = optree.tree_flatten(
-                (state.params, state.opt_state, state.hyperparams), namespace=PYTREE_NAMESPACE
-            )
-            structure = optree.tree_structure(
-                (state.params, state.opt_state), namespace=PYTREE_NAMESPACE
-            )
+            # (typed Any: optree's PyTree type admits no plain tuples or dicts)
+            trained: Any = (state.params, state.opt_state)
+            everything: Any = (*trained, state.hyperparams)
+            structure = optree.tree_structure(trained, namespace=PYTREE_NAMESPACE)
+            leaves, spec = optree.tree_flatten(everything, namespace=PYTREE_NAMESPACE)
             n_state = structure.num_leaves
             changed: list[bool] = []
 
@@ -524,7 +525,9 @@ def make_sweep(
             else:
                 kept = iter([_where_members(ok, n, o) for n, o in zip(outs, olds)])
             new_leaves = [next(kept) if c else o for o, c in zip(leaves[:n_state], changed)]
-            params, opt_state = optree.tree_unflatten(structure, new_leaves)
+            params, opt_state = cast(
+                "tuple[dict[str, Tensor], Any]", optree.tree_unflatten(structure, new_leaves)
+            )
             loss = torch.where(state.diverged, torch.full_like(loss, math.nan), loss)
             new = SweepState(params, opt_state, state.hyperparams, state.diverged | ~finite)
             return new, loss

@@ -24,7 +24,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import _distributed
 from . import structures as _structures
+from ._types import LossAverage, PreconditionerDtype, ProcessGroupArg, Structures
 from .combine import (
     GradientTransformation,
     require_params,
@@ -42,7 +44,7 @@ from .precondition import (
     outer_products,
     split_layer_update,
 )
-from .statistics import KFAC_APPROXES, LOSS_AVERAGES, LayerStatistics, layer_statistics
+from .statistics import KFAC_APPROXES, LOSS_AVERAGES, LayerStatistics, layer_part
 from .structures import StructuredMatrix
 
 __all__ = [
@@ -69,7 +71,7 @@ class KroneckerState(NamedTuple):
             ``cache_preconditioner``).
     """
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count (optax's name)
     factors: dict[str, Factors]
     momenta: dict[str, Factors]
     products: dict[str, dict[str, StructuredMatrix]] = {}  # noqa: RUF012 (never mutated)
@@ -86,7 +88,7 @@ class SINGDState(NamedTuple):
         fallback: the fallback transform's state, or ``()``.
     """
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count (optax's name)
     factors: dict[str, Factors]
     momenta: dict[str, Factors]
     velocity: dict[str, Tensor]
@@ -100,7 +102,7 @@ def _check_loss_average(loss_average) -> None:
     if isinstance(loss_average, Tensor) and loss_average.dim() == 0:
         return
     if isinstance(loss_average, numbers.Real) and not isinstance(loss_average, bool):
-        if loss_average > 0:
+        if float(loss_average) > 0:
             return
     raise ValueError(
         f"loss_average must be None, 'batch', 'batch+sequence' or a positive number of "
@@ -109,7 +111,7 @@ def _check_loss_average(loss_average) -> None:
 
 
 def resolve_structures(
-    layers, structures
+    layers: tuple[LayerInfo, ...], structures: Structures
 ) -> dict[str, tuple[type[StructuredMatrix], type[StructuredMatrix]]]:
     """Per layer name, the structure types of (K, C).
 
@@ -130,8 +132,9 @@ def resolve_structures(
                 f"for layer {info.name!r}"
             )
         forced = layer_kind(info).structures  # e.g. an embedding's diagonal K
-        pair = tuple(f if f is not None else p for f, p in zip(forced, pair))
-        out[info.name] = (_structures.get(pair[0]), _structures.get(pair[1]))
+        name_K = pair[0] if forced[0] is None else forced[0]
+        name_C = pair[1] if forced[1] is None else forced[1]
+        out[info.name] = (_structures.get(name_K), _structures.get(name_C))
     return out
 
 
@@ -168,6 +171,7 @@ def _kronecker(
     normalize_lr_cov,
     preconditioner_dtype,
     cache_preconditioner,
+    process_group: ProcessGroupArg = None,
 ) -> _Kronecker:
     layers = tuple(layers)
     if kfac_approx not in KFAC_APPROXES:
@@ -210,6 +214,12 @@ def _kronecker(
         )
 
     def _statistics(factors, captures, grad_scale):
+        group = _distributed.resolve_group(process_group)
+        if group is not None:  # this process's captures, reduced in one collective
+            return _distributed.reduced_statistics(
+                layers, factors, captures, group, kfac_approx=kfac_approx,
+                loss_average=loss_average, grad_scale=grad_scale,
+            )
         missing = [info.name for info in layers if info.name not in captures]
         if missing:
             raise ValueError(
@@ -219,8 +229,8 @@ def _kronecker(
                 "or leave a layer that this forward really never uses out of `layers`; "
                 "captures=None skips the factor update this step"
             )
-        return {
-            info.name: layer_statistics(
+        parts = {
+            info.name: layer_part(
                 info,
                 *factors[info.name],
                 captures[info.name],
@@ -230,6 +240,8 @@ def _kronecker(
             )
             for info in layers
         }
+        # an empty batch has no statistics: those layers keep their factors this step
+        return {name: part.stats for name, part in parts.items() if part.rows}
 
     def step(grads, state, keys, captures, statistics, grad_scale, damping, alpha1, lr_cov):
         """Directions for ``keys`` (C C^T G K K^T on layer parameters, the gradient on
@@ -284,18 +296,19 @@ def scale_by_kronecker_factors(
     damping: Number = 1e-3,
     alpha1: Number = 0.5,
     lr_cov: Number | Callable = 1e-2,
-    structures=("dense", "dense"),
+    structures: Structures = ("dense", "dense"),
     kfac_approx: str = "expand",
-    loss_average="batch",
+    loss_average: LossAverage = "batch",
     kfac_like: bool = False,
     normalize_lr_cov: bool = False,
-    preconditioner_dtype=(None, None),
+    preconditioner_dtype: PreconditionerDtype = (None, None),
     cache_preconditioner: bool = False,
+    process_group: ProcessGroupArg = None,
 ) -> GradientTransformation:
     """SINGD's preconditioning stage: ``u <- C C^T G K K^T / grad_scale`` per layer.
 
     On steps that come with ``captures`` (or ``statistics``), first H_K, H_C from the
-    captures, then the factor update of K, C, m_K, m_C (``docs/algorithm.md``). The
+    captures, then the factor update of K, C, m_K, m_C (``docs/algorithm.md#factor-update``). The
     entries of parameters outside ``layers`` pass through (divided by
     ``grad_scale``). Arguments as in :func:`singd`.
 
@@ -307,7 +320,7 @@ def scale_by_kronecker_factors(
     alpha1 = 0.0 if kfac_like else alpha1
     kron = _kronecker(
         layers, alpha1, structures, kfac_approx, loss_average, kfac_like,
-        normalize_lr_cov, preconditioner_dtype, cache_preconditioner,
+        normalize_lr_cov, preconditioner_dtype, cache_preconditioner, process_group,
     )  # fmt: skip
     read, names = reader(frozenset({"alpha1"}), damping=damping, alpha1=alpha1, lr_cov=lr_cov)
 
@@ -339,14 +352,15 @@ def singd(
     alpha1: Number = 0.5,
     weight_decay: Number = 0.0,
     lr_cov: Number | Callable = 1e-2,
-    structures=("dense", "dense"),
+    structures: Structures = ("dense", "dense"),
     kfac_approx: str = "expand",
-    loss_average="batch",
+    loss_average: LossAverage = "batch",
     kfac_like: bool = False,
     normalize_lr_cov: bool = False,
-    preconditioner_dtype=(None, None),
+    preconditioner_dtype: PreconditionerDtype = (None, None),
     fallback: GradientTransformation | None = None,
     cache_preconditioner: bool = False,
+    process_group: ProcessGroupArg = None,
 ) -> GradientTransformation:
     """SINGD (Lin et al., ICML 2024) as a pure transform over parameter dicts.
 
@@ -354,7 +368,7 @@ def singd(
     captures::
 
         H_K, H_C from the captures           (statistics)
-        K, C, m_K, m_C updated               (factors; docs/algorithm.md)
+        K, C, m_K, m_C updated               (docs/algorithm.md#factor-update)
 
     and on every step::
 
@@ -390,6 +404,13 @@ def singd(
             a plain step then costs two structured products per layer instead of
             four. Costs the memory of K and C once more; worth it when captures come
             every T > 1 steps.
+        process_group: None, or the group of data-parallel processes (a
+            ``torch.distributed`` process group, or ``"world"``): the statistics of
+            ``captures`` are then reduced over it inside ``update``, in one
+            ``all_reduce``; with ``grads`` averaged over the processes (as DDP
+            averages them) W processes step like one on the concatenated batch
+            (docs/distributed.md). A layer some process did not capture gets the
+            others' statistics. Not for vmap / compile (a collective, one host sync).
 
     Returns:
         ``GradientTransformation`` with
@@ -410,7 +431,7 @@ def singd(
     )  # fmt: skip
     kron = _kronecker(
         layers, alpha1, structures, kfac_approx, loss_average, kfac_like,
-        normalize_lr_cov, preconditioner_dtype, cache_preconditioner,
+        normalize_lr_cov, preconditioner_dtype, cache_preconditioner, process_group,
     )  # fmt: skip
     layer_params = kron.layer_params
     extras = _KRON_EXTRAS | (fallback.extras if fallback is not None else frozenset())

@@ -1,4 +1,4 @@
-"""Test oracle: the projection Pi of ALGORITHM.md's structures table, on dense tensors.
+"""Test oracle: the projection Pi of the structures table in docs/algorithm.md#structures, on dense tensors.
 
 Written straight from the table, one branch per family, with loops where that is the
 clearest (speed does not matter here).

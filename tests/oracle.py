@@ -1,4 +1,4 @@
-"""Dense SINGD oracle, written in the tests straight from ALGORITHM.md.
+"""Dense SINGD oracle, written in the tests straight from docs/algorithm.md.
 
 Every factor is a dense float64 matrix; a structure enters only through its
 projection (tests/_dense_projection.py) and through closure under products. Layer
@@ -8,6 +8,8 @@ Slow and simple on purpose. Supports several calls of a layer per forward pass.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -78,13 +80,30 @@ class DenseOracle:
         return s[name] if isinstance(s, dict) else s
 
     def _A_G(self, mod, calls):
-        """A_hat, G_hat from the (input, output grad) of every call of the layer."""
+        """A_hat, G_hat from the (input, output grad) of every call of the layer.
+
+        Calls of one batch size are pooled as positions; calls of another batch size
+        are another loss term: A_hat averages all a-rows, G_hat sums c_j g g^T per group.
+        """
+        groups = {}
+        for x, g in calls:
+            unbatched = {nn.Linear: 1, nn.Conv1d: 2, nn.Conv2d: 3}[type(mod)]
+            if x.dim() == unbatched:
+                x, g = x[None], g[None]
+            groups.setdefault(x.shape[0], []).append((x, g))
+        A_sum, G, R = 0.0, 0.0, 0
+        for group in groups.values():
+            a, g, c = self._rows(mod, group)
+            A_sum, G, R = A_sum + a.T @ a, G + c * g.T @ g, R + a.shape[0]
+        return (A_sum / R, G) if R else None  # an empty batch: no statistics
+
+    def _rows(self, mod, calls):
         a_parts, g_parts = [], []
         for x, g in calls:
             if isinstance(mod, nn.Linear):
                 N = x.shape[0]
-                a = x.reshape(N, -1, x.shape[-1])
-                gg = g.reshape(N, -1, g.shape[-1])
+                S = math.prod(x.shape[1:-1])
+                a, gg = x.reshape(N, S, x.shape[-1]), g.reshape(N, S, g.shape[-1])
             else:
                 a = conv_rows(mod, x)
                 gg = g.flatten(2).transpose(1, 2)
@@ -93,14 +112,14 @@ class DenseOracle:
         a, g = torch.cat(a_parts, 1), torch.cat(g_parts, 1)
         N, S = a.shape[0], a.shape[1]
         if self.approx == "expand":
-            a, g = a.reshape(N * S, -1), g.reshape(N * S, -1)
+            a, g = a.reshape(N * S, a.shape[-1]), g.reshape(N * S, g.shape[-1])
         else:
             a, g = a.mean(1), g.sum(1)
         if self._has_bias(mod):
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
         c = {None: 1.0, "batch": N, "batch+sequence": N * S}.get(self.loss_average, self.loss_average) \
             if isinstance(self.loss_average, (str, type(None))) else self.loss_average
-        return a.T @ a / a.shape[0], c * g.T @ g
+        return a, g, c
 
     def step(self, loss_closure):
         """loss_closure() -> loss, run with capture hooks; then one SINGD step."""
@@ -124,8 +143,9 @@ class DenseOracle:
             for n, m in self.layers.items():
                 st = self.state[n]
                 sK, sC = self._struct(n)
-                if due:
-                    A, G = self._A_G(m, [(x, o.grad) for x, o in zip(calls[n], outs[n])])
+                AG = self._A_G(m, [(x, o.grad) for x, o in zip(calls[n], outs[n])]) if due else None
+                if AG is not None:
+                    A, G = AG
                     K, C = st["K"], st["C"]
                     HK, HC = project(sK, K.T @ A @ K), project(sC, C.T @ G @ C)
                     KtK, CtC = project(sK, K.T @ K), project(sC, C.T @ C)

@@ -1,7 +1,7 @@
 """The fx capture sees through containers, checks its coverage, and runs kinds' forwards.
 
 - a GPT built from ``nn.TransformerEncoderLayer`` blocks: fx traces each block's
-  ``linear1``/``linear2`` (fx's default leaf rule stopped at the block), and its
+  attention and ``linear1``/``linear2`` (fx's default leaf rule stopped at the block), and its
   capture equals the hook capture exactly; a compiled step (``fullgraph=True``) equals
   the eager step;
 - stock ``nn.TransformerEncoder`` and ``nn.TransformerDecoder`` are traced the same;
@@ -12,7 +12,8 @@
   like the equal ``nn.Linear`` model (float64, 1e-10);
 - error messages never advise dropping a layer that is called.
 
-The attention inside the blocks is the MultiheadAttention kind's (not tested here).
+The attention inside the blocks is the MultiheadAttention kind's (its own tests are in
+tests/test_layers_attention.py).
 """
 
 from __future__ import annotations
@@ -122,11 +123,19 @@ def assert_same_capture(a, b):
             assert torch.equal(u, v), name
 
 
-FF = [f"{b}.linear{j}" for b in ("blocks.0", "blocks.1") for j in (1, 2)]
+def block_layers(blocks, cross=False):
+    """The layers of transformer blocks: their attention projections, then linear1/2."""
+    attention = ["self_attn", "multihead_attn"] if cross else ["self_attn"]
+    return [name for b in blocks for name in (
+        *(f"{b}.{a}.{p}" for a in attention for p in ("in_proj", "out_proj")),
+        f"{b}.linear1", f"{b}.linear2")]
+
+
 MODELS = {
-    "blocks": (GPT, FF),
-    "encoder": (StockEncoder, [n.replace("blocks", "encoder.layers") for n in FF]),
-    "decoder": (StockDecoder, [n.replace("blocks", "decoder.layers") for n in FF]),
+    "blocks": (GPT, ["embed", *block_layers(["blocks.0", "blocks.1"])]),
+    "encoder": (StockEncoder, ["embed", *block_layers(["encoder.layers.0", "encoder.layers.1"])]),
+    "decoder": (StockDecoder,
+                ["embed", *block_layers(["decoder.layers.0", "decoder.layers.1"], cross=True)]),
 }
 
 
@@ -160,7 +169,9 @@ def test_untraceable_transformer_falls_back_with_one_warning():
     torch.manual_seed(0)
     model = FullTransformer().double()
     layers = sf.find_layers(model)
-    assert len(layers) == 2 * 2 + 1  # encoder and decoder feed-forward layers, head
+    # the embedding, the encoder block (2 projections, 2 feed-forward), the decoder block
+    # (4 projections, 2 feed-forward), the head
+    assert len(layers) == 1 + 4 + 6 + 1
     with pytest.raises(ValueError, match=r"method='fx': torch.fx could not trace "
                                          r"FullTransformer .*Use method='hooks'"):
         sf.make_capture(model, lm_loss, layers, method="fx")

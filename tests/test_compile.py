@@ -3,14 +3,16 @@
 Default suite: the fx capture equals the hook capture; a compiled step with a dense and
 a structured factor is one graph per step function (fullgraph), equals eager
 (float32, 1e-5) and does not recompile when hyperparameter values change; the hook
-capture is a graph break. Slow: every structure family, SINGD and IKFAC; the
-compiled vmapped sweep.
+capture is a graph break; every structure family and the vmapped sweep trace in one
+graph (dynamo with the "eager" backend: no inductor). Slow: every structure family,
+SINGD and IKFAC, and the sweep, compiled by inductor.
 """
 
 from __future__ import annotations
 
 import math
 
+import optree
 import pytest
 import torch
 import torch._dynamo
@@ -192,6 +194,14 @@ def test_hook_capture_is_a_graph_break():
         f(params)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_structure_traces_in_one_graph(family):
+    """Default suite: dynamo traces every family's whole step with fullgraph=True and no
+    recompile (backend "eager": the traced graph runs as is, no inductor C++ builds)."""
+    counter = compare_compiled(small_model(), (family, family), steps=4, backend="eager")
+    assert counter.frame_count == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kfac_like", [False, True], ids=["singd", "ikfac"])
@@ -219,9 +229,18 @@ def test_hook_capture_compiles_with_breaks_same_numbers():
         assert ((p_c[k] - p).norm() / p.norm()).item() <= 1e-5
 
 
+def test_compiled_sweep_traces_in_one_graph():
+    """Default suite: the compiled sweep (mask inside vmap) traced by dynamo, backend "eager"."""
+    check_compiled_sweep("eager")
+
+
 @pytest.mark.slow
 def test_compiled_sweep_same_numbers_no_recompile():
-    """The vmapped sweep step compiles to one graph per step function."""
+    """The vmapped sweep step compiles to one graph per step function (inductor)."""
+    check_compiled_sweep("inductor")
+
+
+def check_compiled_sweep(backend):
     models = [small_model() for _ in range(3)]
     for s, m in enumerate(models):
         torch.manual_seed(s)
@@ -235,7 +254,7 @@ def test_compiled_sweep_same_numbers_no_recompile():
     hp = sf.HyperParams(lr=torch.tensor([0.05, math.inf, 0.08]),
                         damping=torch.tensor([1e-3, 1e-2, 3e-3]))
     sweep = sf.make_sweep(tx, capture, hp)
-    counter = CompileCounterWithBackend("inductor")
+    counter = CompileCounterWithBackend(backend)
     compiled = sweep.compile(fullgraph=True, backend=counter)
     stacked, _ = torch.func.stack_module_state(models)
     batches = [(x.float(), y) for x, y in (make_batch("mlp", t) for t in range(6))]
@@ -253,3 +272,12 @@ def test_compiled_sweep_same_numbers_no_recompile():
     for k, p in s_e.params.items():
         assert torch.equal(s_c.params[k][1], stacked[k][1]), "the diverged member moved"
         assert ((s_c.params[k] - p).norm() / p.norm()).item() <= 1e-5
+    # the diverged member's optimizer state (factors, momenta, velocity, count) is kept
+    # as it was before its first step, in the compiled sweep as in the eager one
+    start = optree.tree_leaves(sweep.init(stacked, stacked=True).opt_state,
+                               namespace=sf.PYTREE_NAMESPACE)
+    for side in (s_c, s_e):
+        leaves = optree.tree_leaves(side.opt_state, namespace=sf.PYTREE_NAMESPACE)
+        assert len(leaves) == len(start)
+        for leaf, first in zip(leaves, start):
+            assert torch.equal(leaf[1], first[1]), "the diverged member's state changed"

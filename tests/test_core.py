@@ -82,7 +82,7 @@ def test_normalize_lr_cov_and_T(normalize):
 
 
 def test_block_structure_on_small_layers_equals_dense():
-    """ALGORITHM.md bug 1: with d_K <= B, block{B}diagonal must equal dense."""
+    """docs/algorithm.md#differences-from-the-official-package, 1: with d_K <= B, block{B}diagonal must equal dense."""
     p_block, _ = run_core("mlp", 25, **{**BASE, "structures": ("block30diagonal", "block30diagonal")})
     p_dense, _ = run_core("mlp", 25, **{**BASE, "structures": ("dense", "dense")})
     assert_same(p_block, p_dense, 1e-12)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import singd_functional as sf
-from singd_functional.layers import LayerInfo, kind_of_module, layer_kind, summary
+from singd_functional.layers import OPAQUE, LayerInfo, kind_of_module, layer_kind, summary
 
 
 class CastedLinear(nn.Linear):
@@ -180,11 +180,14 @@ def test_registry_errors_name_the_fix():
         layer_kind("no-such-kind")
 
 
-def test_multihead_attention_is_opaque_and_ties_are_refused():
+def test_multihead_attention_owns_out_proj_and_ties_are_refused():
     mha = nn.MultiheadAttention(8, 2, batch_first=True)
     model = nn.ModuleDict({"attn": mha, "ff": nn.Linear(8, 8)})
-    # out_proj is a Linear subclass, but MHA never calls it: it is no layer of its own
-    assert [i.name for i in sf.find_layers(model)] == ["ff"]
+    # out_proj is a Linear subclass, but MHA never calls it: the attention kind owns it
+    names = ["attn.in_proj", "attn.out_proj", "ff"]
+    assert [i.name for i in sf.find_layers(model)] == names
+    with sf.register_layer_kind(nn.MultiheadAttention, OPAQUE):  # nothing below it
+        assert [i.name for i in sf.find_layers(model)] == ["ff"]
 
     tied = nn.ModuleDict({"a": nn.Linear(3, 3), "b": nn.Linear(3, 3)})
     tied["b"].weight = tied["a"].weight

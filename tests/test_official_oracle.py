@@ -1,8 +1,8 @@
 """Optional oracle: the official `singd` 0.0.5 package (skipped when it is absent).
 
-Its known bugs (ALGORITHM.md) are avoided: no block-diagonal structures, one backward
-pass per step, float64 only for dense (it crashes on structured float64), float32
-otherwise with a float32 tolerance.
+Its known bugs (docs/algorithm.md#differences-from-the-official-package) are avoided:
+no block-diagonal structures, one backward pass per step, float64 only for dense (it
+crashes on structured float64), float32 otherwise with a float32 tolerance.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ import torch
 import singd_functional as sf
 from tests.models import make_batch, make_loss, make_model
 
-official = pytest.importorskip("singd.optim.optimizer", reason="singd==0.0.5 not installed")
+try:
+    import singd.optim.optimizer as official
+except ImportError as err:  # say loudly why the only external oracle did not run
+    pytest.skip(
+        f"the official oracle singd==0.0.5 is NOT installed ({type(err).__name__}: {err}); "
+        "none of its comparisons ran. Install it with `pip install singd==0.0.5`",
+        allow_module_level=True,
+    )
 pytestmark = pytest.mark.oracle
 
 CONFIGS = [

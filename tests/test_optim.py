@@ -148,3 +148,36 @@ def test_is_a_torch_optimizer():
     assert isinstance(opt, torch.optim.Optimizer)
     assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 6
     assert opt.defaults["structures"] == ("dense", "dense") and opt.defaults["T"] == 10
+
+
+def test_statistics_step_drops_old_products_before_the_update():
+    """With T > 1 the drop-in caches K K^T and C C^T per layer; on a statistics step the
+    updating layers' old products are let go before the core builds the new ones (they
+    are not passed to it), and the new ones are kept for the plain steps after."""
+    from singd_functional import _step
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    opt = sf.SINGD(model, T=2)
+    x, y = torch.randn(8, 5), torch.randn(8, 3)
+    seen = []
+    original = _step._cached_products
+
+    def spy(active, factors, updating):
+        out = original(active, factors, updating)
+        seen.append((set(updating), set(out), [l.products for l in active]))
+        return out
+
+    _step._cached_products = spy
+    try:
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    finally:
+        _step._cached_products = original
+    (due0, passed0, held0), (due1, passed1, _), (due2, passed2, held2) = seen
+    assert due0 == due2 == {"0", "1"} and not passed0 and not passed2
+    assert held0 == [None, None] and held2 == [None, None]
+    assert not due1 and passed1 == {"0", "1"}
+    assert all(layer.products is not None for grp in opt._groups for layer in grp.layers)

@@ -1,29 +1,28 @@
 """Two gloo processes on loopback equal one process on the concatenated batch (float64, 1e-10).
 
-Each process trains on its half of every batch, with the model wrapped in
-DistributedDataParallel or unwrapped (then the loop averages the gradients itself, as
-the optimizer never touches them). The reference is the same optimizer in this process
-on the whole batch, differentiating the loss DDP's averaged gradient belongs to: the
-mean loss, or for a sum loss (loss_average None) the sum divided by the world size.
-All processes are spawned once per pytest worker; every test reads its configuration.
+Each process trains on its part of every batch, with the model wrapped in
+DistributedDataParallel or unwrapped (then ``step`` reduces the gradients itself, as the
+official package does: averaged for a mean loss, summed for a sum loss). The reference
+is the same optimizer in this process on the whole batch, differentiating the loss the
+reduced gradient belongs to: the mean loss; for a sum loss (loss_average None) under DDP
+the sum divided by the world size, unwrapped the sum itself. All processes are spawned
+once per pytest worker (tests/_multiprocess.py); every test reads its configuration.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import singd_functional as sf
+from singd_functional import _distributed
+from tests._multiprocess import count_calls, run
+from tests._no_sync import no_host_sync
 from tests.models import make_batch, make_loss, make_model
 from tests.test_optim import BASE, assert_moved, assert_same
 
@@ -32,7 +31,7 @@ CONFIGS = {
     "ddp-mlp-batch": dict(kind="mlp", wrap=True, loss_average="batch", hp=dict(BASE)),
     "ddp-seq-batch+sequence-T2": dict(
         kind="seq", wrap=True, loss_average="batch+sequence",
-        hp=dict(BASE, T=2, structures=("triltoeplitz", "hierarchical3_2"))),
+        hp=dict(BASE, T=2, structures=("triltoeplitz", "hierarchical3_2")), no_sync=True),
     "ddp-cnn-sum-ikfac-reduce": dict(
         kind="cnn", wrap=True, loss_average=None,
         hp=dict(BASE, lr=0.01, kfac_like=True, kfac_approx="reduce", structures=("dense", "diagonal"))),
@@ -46,15 +45,27 @@ CONFIGS = {
                                 hp=dict(BASE, structures=("diagonal", "dense"))),
     "unwrapped-cnn-sum": dict(kind="cnn", wrap=False, loss_average=None,
                               hp=dict(BASE, lr=0.01, T=2)),
+    # one process with an empty batch on statistics steps: neither crashes nor hangs
+    "ddp-seq-sum-empty-rank": dict(kind="seq", wrap=True, loss_average=None, split=(8, 0),
+                                   hp=dict(BASE, lr=0.01, structures=("dense", "triltoeplitz"))),
+    # a NaN in one process's batch at step 1: both skip that step (reference: batch 1 unseen)
+    "ddp-mlp-nan-on-rank1": dict(kind="mlp", wrap=True, loss_average="batch", nan_at=(1, 1),
+                                 hp=dict(BASE), no_sync=True),
+    "unwrapped-cnn-nan-on-rank0": dict(kind="cnn", wrap=False, loss_average="batch",
+                                       nan_at=(0, 2), hp=dict(BASE, T=2)),
+    # the loop averages the gradients itself and tells the optimizer so
+    "manual-average-mlp": dict(kind="mlp", wrap=False, manual=True, loss_average="batch",
+                               hp=dict(BASE, T=2)),
     # opt.process_group = None: each process trains alone on its half, nothing is reduced
     "independent-mlp": dict(kind="mlp", wrap=False, independent=True, loss_average="batch",
                             hp=dict(BASE)),
 }
 
 
-def _loss_fn(loss_average, world):
-    base = make_loss(loss_average)
-    if loss_average is None:  # DDP averages the gradients of the per-process sums
+def _loss_fn(cfg: dict, world: int):
+    """The loss one process on the whole batch differentiates (module docstring)."""
+    base = make_loss(cfg["loss_average"])
+    if cfg["loss_average"] is None and cfg["wrap"]:  # DDP averages the per-process sums
         return lambda out, y: base(out, y) / world
     return base
 
@@ -66,67 +77,55 @@ def _run_rank(rank: int, cfg: dict) -> dict:
     opt = sf.SINGD(net, loss_average=loss_average, **cfg["hp"])
     if cfg.get("independent"):
         opt.process_group = None
+    if cfg.get("manual"):
+        opt.reduce_gradients = False
     loss_fn = make_loss(loss_average)
-    real_all_reduce, calls = dist.all_reduce, []
-
-    def counting_all_reduce(*args, **kwargs):
-        calls.append(1)
-        return real_all_reduce(*args, **kwargs)
-
     collectives = []
     for t in range(STEPS):
         x, y = make_batch(kind, t, BATCH)
         split = cfg.get("split", (BATCH // WORLD,) * WORLD)
         x, y = x.split(split)[rank], y.split(split)[rank]
+        if cfg.get("nan_at") == (rank, t):
+            x = x.clone()
+            x[0] = float("nan")
         opt.zero_grad()
         for i, (xm, ym) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
             last = i == micro - 1
             with contextlib.nullcontext() if last or not cfg["wrap"] else net.no_sync():
                 loss = loss_fn(net(xm), ym)
                 (loss if loss_average is None else loss / micro).backward()
-        if not cfg["wrap"] and not cfg.get("independent"):
+        if cfg.get("manual"):
             for p in model.parameters():
                 dist.all_reduce(p.grad)
                 p.grad /= WORLD
-        calls.clear()
-        dist.all_reduce = counting_all_reduce
-        try:
-            opt.step()
-        finally:
-            dist.all_reduce = real_all_reduce
-        collectives.append(len(calls))
+        with count_calls(dist, ("all_reduce",)) as calls:
+            # the reduction reads nothing back to the host (no .tolist(), no blocking copy)
+            with no_host_sync() if cfg.get("no_sync") else contextlib.nullcontext():
+                opt.step()
+        collectives.append(calls["all_reduce"])
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    return dict(params=params, collectives=collectives)
+    return dict(params=params, collectives=collectives, skipped=int(opt.skipped_steps))
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        results = {name: _run_rank(rank, cfg) for name, cfg in CONFIGS.items()}
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+def _flag_rides_along(rank: int) -> float:
+    """The non-finite count of one process reaches every process in the one collective."""
+    stats = sf.LayerStatistics(sf.structures.Dense.eye(2, dtype=torch.float64),
+                               sf.structures.Dense.eye(3, dtype=torch.float64))
+    local = _distributed.LocalStatistics(stats, 4.0, 4.0)
+    flag = torch.tensor(float(rank == 1))
+    _distributed.all_reduce_statistics([(stats, local, "batch")], dist.group.WORLD, nonfinite=flag)
+    return float(flag)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _all_configs(rank: int, world: int) -> dict:
+    results = {name: _run_rank(rank, cfg) for name, cfg in CONFIGS.items()}
+    results["flag"] = _flag_rides_along(rank)
+    return results
 
 
 @functools.cache
 def _results():
-    # torch.multiprocessing's spawn machinery with "fork" where there is one: the children
-    # inherit the imports (torch.optim imports torch._dynamo lazily, seconds per process,
-    # so it is imported here once, before forking) instead of paying them again
-    importlib.import_module("torch._dynamo")
-    start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True,
-                           start_method=start_method)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    return run(_all_configs, WORLD)
 
 
 def _single_process(cfg: dict, rank: int | None = None) -> dict:
@@ -134,8 +133,12 @@ def _single_process(cfg: dict, rank: int | None = None) -> dict:
     kind, loss_average = cfg["kind"], cfg["loss_average"]
     model = make_model(kind)
     opt = sf.SINGD(model, loss_average=loss_average, **cfg["hp"])
-    loss_fn = _loss_fn(loss_average, WORLD) if rank is None else make_loss(loss_average)
+    loss_fn = _loss_fn(cfg, WORLD) if rank is None else make_loss(loss_average)
     for t in range(STEPS):
+        if cfg.get("nan_at", (None, None))[1] == t:  # the step every process skipped
+            for group in opt.param_groups:
+                group["step"] += 1
+            continue
         x, y = make_batch(kind, t, BATCH)
         if rank is not None:
             x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
@@ -154,13 +157,21 @@ def test_two_processes_equal_one_process(name):
     assert_moved(cfg["kind"], ranks[0]["params"])
     for k, p in ranks[1]["params"].items():
         assert torch.equal(p, ranks[0]["params"][k]), f"{k}: the processes diverged"
+    assert [r["skipped"] for r in ranks] == [1 if "nan_at" in cfg else 0] * WORLD
 
 
-@pytest.mark.parametrize("name", ["ddp-mlp-batch", "ddp-seq-batch+sequence-T2", "unwrapped-cnn-sum"])
-def test_statistics_travel_in_one_collective_per_step(name):
-    T = CONFIGS[name]["hp"]["T"]
+def test_the_nonfinite_flag_rides_in_the_statistics_collective():
+    assert [r["flag"] for r in _results()] == [1.0] * WORLD
+
+
+@pytest.mark.parametrize("name", ["ddp-mlp-batch", "ddp-seq-batch+sequence-T2",
+                                  "unwrapped-cnn-sum", "manual-average-mlp"])
+def test_one_collective_per_step(name):
+    """Statistics on steps t % T == 0; an unwrapped model's gradients on every step, fused."""
+    cfg = CONFIGS[name]
+    T, reduces_grads = cfg["hp"]["T"], not cfg["wrap"] and not cfg.get("manual")
     for r in _results():
-        assert r[name]["collectives"] == [int(t % T == 0) for t in range(STEPS)]
+        assert r[name]["collectives"] == [int(reduces_grads or t % T == 0) for t in range(STEPS)]
 
 
 def test_process_group_none_trains_each_process_alone():

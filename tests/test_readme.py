@@ -2,7 +2,9 @@
 
 A block may be marked by an HTML comment on the line right before its fence:
 ``<!-- readme-test: skip ... -->`` (never run here, e.g. the torchrun script) or
-``<!-- readme-test: slow -->`` (run only with ``-m slow``, e.g. torch.compile).
+``<!-- readme-test: slow -->`` (run only with ``-m slow``, e.g. torch.compile). The
+default suite still traces the slow blocks with dynamo's "eager" backend and runs the
+torchrun block as a world of one process.
 """
 
 from __future__ import annotations
@@ -57,6 +59,47 @@ def test_readme_names_the_two_commands():
 def test_readme_block_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+
+
+@pytest.mark.parametrize("code", [c for _, mark, c in BLOCKS if mark == "slow"])
+def test_readme_slow_block_traces(code, tmp_path, monkeypatch):
+    """Default suite: the slow (torch.compile) blocks with dynamo's "eager" backend, which
+    traces the same graph (fullgraph included) but skips inductor's code generation."""
+    import torch
+
+    real = torch.compile
+
+    def traced_only(*args, **kwargs):
+        return real(*args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", traced_only)
+    monkeypatch.chdir(tmp_path)
+    torch._dynamo.reset()
+    exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+    torch._dynamo.reset()
+
+
+def test_readme_torchrun_script_in_one_process(tmp_path, monkeypatch, capsys):
+    """Default suite: the torchrun block as a world of one process (gloo, in this
+    process); the slow test below runs it with two."""
+    import socket
+
+    import torch.distributed as dist
+
+    [code] = [code for _, mark, code in BLOCKS if mark == "skip" and "torch.distributed" in code]
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                           WORLD_SIZE="1", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    try:
+        exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert "loss on rank 0's shard" in capsys.readouterr().out
 
 
 @pytest.mark.slow

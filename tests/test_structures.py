@@ -98,16 +98,44 @@ def test_operations_match_dense(name, d, dtype):
     close(K.max_abs(), Kd.abs().max(), tol)
 
 
+def dense_basis(T, d):
+    """[p, d, d]: the dense form of each stored parameter's unit vector (p = storage)."""
+    zero = T.zeros(d, dtype=torch.float64)
+    p = zero.storage_numel()
+    unit, offset, leaves = torch.eye(p, dtype=torch.float64), 0, []
+    for leaf in zero.leaves:
+        leaves.append(unit[:, offset : offset + leaf.numel()].reshape(p, *leaf.shape))
+        offset += leaf.numel()
+    return T(*leaves).to_dense()
+
+
 @pytest.mark.parametrize(("name", "d"), CASES, ids=IDS)
 def test_closure_and_structure_pattern(name, d):
-    """Products and sums of members are members: the dense result has the pattern."""
+    """Products and sums of members are members, and our result is that member.
+
+    The dense product Kd @ Ld (computed without the structure) must lie in the span of
+    the structure's dense basis, and the least-squares coordinates of it must be the
+    stored parameters of the structured result ``K @ L``.
+    """
     T = structures.get(name)
     K, L = random_member(T, d), random_member(T, d)
-    for R in (K @ L, K + L, K.gram(), K.add_diag(2.0)):
-        assert type(R) is T
-        dense = R.to_dense()
-        # a member's dense form is reproduced by its own parameters: rebuild from leaves
-        close(T(*R.leaves).to_dense(), dense, 0)
+    Kd, Ld = K.to_dense(), L.to_dense()
+    basis = dense_basis(T, d).reshape(-1, d * d).T  # [d*d, p]
+    eye = torch.eye(d, dtype=torch.float64)
+    cases = {
+        "K @ L": (K @ L, Kd @ Ld),
+        "K + L": (K + L, Kd + Ld),
+        "K.add_diag": (K.add_diag(2.0), Kd + 2.0 * eye),
+        "K.gram": (K.gram(), project(name, Kd.T @ Kd)),
+    }
+    for what, (R, expected) in cases.items():
+        assert type(R) is T, what
+        coords = torch.linalg.lstsq(basis, expected.reshape(-1, 1)).solution
+        residual = (basis @ coords).reshape(d, d) - expected
+        assert residual.norm() <= 1e-10 * max(expected.norm().item(), 1.0), (
+            f"{what}: the dense result is not in {name}"
+        )
+        close(torch.cat([leaf.reshape(-1) for leaf in R.leaves]), coords.reshape(-1), 1e-10)
     # the pattern: entries that are zero for every member stay zero in products
     pattern = (random_member(T, d).to_dense() != 0) | (random_member(T, d).to_dense() != 0)
     prod = (K @ L).to_dense()

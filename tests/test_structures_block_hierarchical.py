@@ -153,10 +153,10 @@ def test_leading_batch_dims_without_vmap(name):
     _close(Ks[0].matmat(X), torch.stack([Ks[0].to_dense() @ x for x in X]))
 
 
+@pytest.mark.parametrize("d", [2, 10])  # 2: a single (last) block, no hierarchical middle
 @pytest.mark.parametrize("name", ["block3diagonal", "hierarchical3_2"])
-def test_operations_do_not_touch_inputs(name):
+def test_operations_do_not_touch_inputs(name, d):
     T = structures.get(name)
-    d = 10
     K, L = _rand(T, d), _rand(T, d)
     X = torch.randn(d, 4, dtype=DT)
     M = torch.randn(d, d, dtype=DT)
@@ -168,12 +168,26 @@ def test_operations_do_not_touch_inputs(name):
     ]  # fmt: skip
     for t, b in zip((*K.leaves, *L.leaves, X, M), before):
         assert torch.equal(t, b)
-    # results never alias an input: writing into them leaves the inputs alone
-    P = T.from_dense(M)
-    for leaf in P.leaves:
-        leaf.add_(1.0)
-    assert torch.equal(M, before[-1])
-    assert len(outs) == 10
+    # results never alias an input, except that a structured result may share a leaf
+    # it passes through unchanged (immutable pytrees: B and D of a hierarchical
+    # K.add_diag); writing into every other result leaves the inputs alone
+    inputs = {t.untyped_storage().data_ptr(): t for t in (*K.leaves, *L.leaves, X, M) if t.numel()}
+    fresh = []
+    for i, out in enumerate(outs):
+        structured = isinstance(out, structures.StructuredMatrix)
+        for t in out.leaves if structured else (out,):
+            shared = inputs.get(t.untyped_storage().data_ptr()) if t.numel() else None
+            if shared is None:
+                fresh.append(t)
+                continue
+            assert structured, f"result {i} (a tensor) aliases an input"
+            assert t.shape == shared.shape and torch.equal(t, shared), (
+                f"result {i} is a view of an input"
+            )
+    for t in fresh:
+        t.add_(1.0)
+    for t, b in zip((*K.leaves, *L.leaves, X, M), before):
+        assert torch.equal(t, b)
 
 
 @pytest.mark.parametrize("name", ["block3diagonal", "hierarchical3_2"])
@@ -195,6 +209,28 @@ def test_grad_through_operations(name):
     fd = (loss(K + V * eps) - loss(K - V * eps)) / (2 * eps)
     an = sum((a * b).sum() for a, b in zip(g.leaves, V.leaves))
     _close(an, fd, 1e-6)
+
+
+@pytest.mark.parametrize("name", ["block4diagonal", "hierarchical3_2"])
+def test_products_eager_equal_joined_under_vmap_and_autograd(name):
+    """The eager products that write their parts into one output (out=) equal the joined
+    ones that vmap and autograd take, on both column and row forms."""
+    T = structures.get(name)
+    K = _rand(T, 11)
+    X = torch.randn(11, 5, dtype=DT)
+    for op in ("matmat", "rmatmat", "outer_matmat", "outer_matmat_right"):
+        if op == "outer_matmat_right":
+            X = X.mT.contiguous()
+        eager = getattr(K, op)(X)
+        batched = torch.func.vmap(lambda x, op=op: getattr(K, op)(x))(X[None])[0]
+        assert torch.allclose(eager, batched, rtol=0, atol=1e-13)
+        _close(eager, getattr(Dense(K.to_dense()), op)(X), 1e-12)
+    X = X.mT.contiguous()
+    Xg = X.clone().requires_grad_(True)
+    K.outer_matmat(Xg).square().sum().backward()
+    M = K.to_dense() @ K.to_dense().T
+    _close(Xg.grad, 2 * M.T @ (M @ X), 1e-12)
+    assert torch.allclose(K.matmat_right(X.T), X.T @ K.to_dense(), rtol=0, atol=1e-13)
 
 
 # ------------------------------------------------------------------- factories

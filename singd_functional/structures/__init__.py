@@ -1,6 +1,6 @@
 """Structured matrices for the SINGD factors K, C and their momenta.
 
-One pytree type per structure of ALGORITHM.md, found by name with :func:`get`::
+One pytree type per structure of docs/algorithm.md#structures, found by name with :func:`get`::
 
     from singd_functional import structures
     T = structures.get("block30diagonal")
@@ -49,7 +49,7 @@ _HIERARCHICAL = re.compile(r"hierarchical(\d+)_(\d+)")
 VALID_NAMES = (*_FIXED, "block{B}diagonal", "hierarchical{K1}_{K2}")
 
 
-def get(name: str) -> type[StructuredMatrix]:
+def get(name: str | type[StructuredMatrix]) -> type[StructuredMatrix]:
     """The structure type called ``name`` (see the module docstring).
 
     Raises:

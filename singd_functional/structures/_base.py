@@ -1,8 +1,8 @@
 """The common base of every structured matrix type.
 
 A structured matrix is a square d x d matrix kept as its structure's own parameters
-(the "storage" column of ALGORITHM.md), never as a d x d tensor unless the structure
-is dense. Instances are immutable pytrees: their tensors are the leaves and their type
+(the "storage" column of docs/algorithm.md#structures), never as a d x d tensor unless
+the structure is dense. Instances are immutable pytrees: their tensors are the leaves and their type
 (which carries static parameters such as a block size) is the tree spec, so
 ``torch.func.vmap``, ``torch.compile`` and ``optree.tree_map`` see through them.
 
@@ -14,12 +14,16 @@ per structure, in that structure's own parameters.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._pytree import register_pytree
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 Scalar = float | Tensor
 
@@ -73,6 +77,15 @@ class StructuredMatrix:
     def leaves(self) -> tuple[Tensor, ...]:
         return tuple(getattr(self, f) for f in self._fields)
 
+    def named_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """Iterator of (field name, stored tensor), as the official package's matrices have."""
+        return iter(tuple(zip(self._fields, self.leaves)))
+
+    @property
+    def shape(self) -> torch.Size:
+        """(d, d), as the official package's matrices have."""
+        return torch.Size((self.dim, self.dim))
+
     @property
     def dim(self) -> int:
         """The side d of the d x d matrix."""
@@ -87,10 +100,10 @@ class StructuredMatrix:
         return self.leaves[0].device
 
     def storage_numel(self) -> int:
-        """Number of stored entries (the storage formula of ALGORITHM.md)."""
+        """Number of stored entries (the storage formula of docs/algorithm.md#structures)."""
         return sum(leaf.numel() for leaf in self.leaves)
 
-    def map(self, fn) -> StructuredMatrix:
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Self:
         """Apply ``fn`` to every stored tensor (e.g. a dtype or device cast)."""
         return type(self)(*(fn(leaf) for leaf in self.leaves))
 
@@ -102,22 +115,22 @@ class StructuredMatrix:
 
     # ----------------------------------------------------- construction (abstract)
     @classmethod
-    def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None):
+    def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         """The identity I (d x d) in this structure."""
         raise NotImplementedError
 
     @classmethod
-    def zeros(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None):
+    def zeros(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         """The zero matrix (d x d) in this structure."""
         raise NotImplementedError
 
     @classmethod
-    def from_dense(cls, sym: Tensor):
-        """The projection Pi(M) of a symmetric d x d matrix M (ALGORITHM.md table)."""
+    def from_dense(cls, sym: Tensor) -> Self:
+        """The projection Pi(M) of a symmetric d x d matrix M (docs/algorithm.md#structures)."""
         raise NotImplementedError
 
     @classmethod
-    def project_outer(cls, Y: Tensor):
+    def project_outer(cls, Y: Tensor) -> Self:
         """Pi(Y Y^T) for Y of shape [d, R], without forming the d x d product."""
         raise NotImplementedError
 
@@ -134,7 +147,7 @@ class StructuredMatrix:
         """self^T @ X for X of shape [d, n]."""
         raise NotImplementedError
 
-    def matmul(self, other: StructuredMatrix) -> StructuredMatrix:
+    def matmul(self, other: Self) -> Self:
         """self @ other, both of this structure; the result stays in it."""
         raise NotImplementedError
 
@@ -234,6 +247,14 @@ class StructuredMatrix:
             self._check_same(other)
             return self.matmul(other)
         return self.matmat(other)
+
+
+def _eager(*tensors: Tensor) -> bool:
+    """True when products may write into buffers (``out=``, in-place): outside vmap,
+    torch.func.grad and torch.compile, and with no tensor needing autograd."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _eye_like(n: int, like: Tensor) -> Tensor:

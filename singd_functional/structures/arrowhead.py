@@ -22,12 +22,15 @@ operation is ``torch.func.vmap``-able.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ._base import Scalar, StructuredMatrix, _resolve
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["TrilTopLeftDiag", "TrilBottomRightDiag", "TriuTopLeftDiag", "TriuBottomRightDiag"]
 
@@ -84,7 +87,7 @@ class _Arrowhead(StructuredMatrix):
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def eye(cls, dim, dtype=None, device=None):
+    def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         dtype = _resolve(dtype)
         return cls(
             torch.ones(dim, dtype=dtype, device=device),
@@ -92,7 +95,7 @@ class _Arrowhead(StructuredMatrix):
         )
 
     @classmethod
-    def zeros(cls, dim, dtype=None, device=None):
+    def zeros(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         dtype = _resolve(dtype)
         return cls(
             torch.zeros(dim, dtype=dtype, device=device),
@@ -100,14 +103,14 @@ class _Arrowhead(StructuredMatrix):
         )
 
     @classmethod
-    def from_dense(cls, sym: Tensor):
+    def from_dense(cls, sym: Tensor) -> Self:
         diag = torch.diagonal(sym, dim1=-2, dim2=-1).clone()
         M_p, _ = cls._split(sym, -2)  # [..., 1, d]: row p (= column p, M is symmetric)
         _, off = cls._split(M_p.squeeze(-2), -1)
         return cls(diag, 2 * off)
 
     @classmethod
-    def project_outer(cls, Y: Tensor):
+    def project_outer(cls, Y: Tensor) -> Self:
         Y_p, Y_rest = cls._split(Y, -2)
         diag = torch.linalg.vecdot(Y, Y)  # row sums of squares, no Y * Y temporary
         vec = 2 * (Y_rest @ Y_p.mT).squeeze(-1)

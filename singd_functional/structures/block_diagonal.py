@@ -11,16 +11,23 @@ are the transposed column forms on X^T (a view): the batched matmul reads the
 transposed blocks of X in place and writes X K in column-major order, which measured
 faster than a row-major result (a permuted copy) or a Python loop over the blocks.
 ``K K^T X`` forms the blocks of K K^T first when that is cheaper (B <= n).
+Outside vmap, grad and torch.compile, an unbatched product writes the full blocks and the
+trailing block straight into one output (``out=``) instead of joining two results (a copy
+of the whole product).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ._base import Scalar, StructuredMatrix, _add_diag, _eye_like, _resolve
+from ._base import Scalar, StructuredMatrix, _add_diag, _eager, _eye_like, _resolve
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class BlockDiagonal(StructuredMatrix):
@@ -61,17 +68,23 @@ class BlockDiagonal(StructuredMatrix):
     def dim(self) -> int:
         return self._nb * self.block_size + self.last.shape[-1]
 
-    def _apply(self, X: Tensor, fn_blocks, fn_last) -> Tensor:
-        """cat(fn_blocks(blocks, X_main) per block, fn_last(last, X_last)) for X [..., d, n]."""
+    def _apply(self, X: Tensor, transpose: bool) -> Tensor:
+        """blockdiag(K)^(T) X for X [..., d, n]: the full blocks, then the trailing block."""
         B, nb = self.block_size, self._nb
         m = nb * B
+        blocks, last = (self.blocks.mT, self.last.mT) if transpose else (self.blocks, self.last)
         Xm = X[..., :m, :]
         Xm = Xm.reshape(*Xm.shape[:-2], nb, B, Xm.shape[-1])
-        top = fn_blocks(self.blocks, Xm)
+        if nb and last.shape[-1] and _plain(X, blocks, last):
+            out = X.new_empty(X.shape[-2], X.shape[-1], dtype=torch.result_type(X, blocks))
+            torch.bmm(blocks, Xm, out=out[:m].view(nb, B, X.shape[-1]))
+            torch.mm(last, X[m:], out=out[m:])
+            return out
+        top = blocks @ Xm
         top = top.reshape(*top.shape[:-3], m, top.shape[-1])
         if self.last.shape[-1] == 0:  # no trailing block: no concatenation (a copy)
             return top
-        bottom = fn_last(self.last, X[..., m:, :])
+        bottom = last @ X[..., m:, :]
         if nb == 0:
             return bottom
         batch = torch.broadcast_shapes(top.shape[:-2], bottom.shape[:-2])
@@ -81,14 +94,14 @@ class BlockDiagonal(StructuredMatrix):
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def eye(cls, dim, dtype=None, device=None):
+    def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         nb, r = cls._split(dim)
         B, dtype = cls.block_size, _resolve(dtype)
         blocks = torch.eye(B, dtype=dtype, device=device).expand(nb, B, B).clone()
         return cls(blocks, torch.eye(r, dtype=dtype, device=device))
 
     @classmethod
-    def zeros(cls, dim, dtype=None, device=None):
+    def zeros(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         nb, r = cls._split(dim)
         B, dtype = cls.block_size, _resolve(dtype)
         return cls(
@@ -97,7 +110,7 @@ class BlockDiagonal(StructuredMatrix):
         )
 
     @classmethod
-    def from_dense(cls, sym: Tensor):
+    def from_dense(cls, sym: Tensor) -> Self:
         nb, _ = cls._split(sym.shape[-1])
         B = cls.block_size
         m = nb * B
@@ -107,7 +120,7 @@ class BlockDiagonal(StructuredMatrix):
         return cls(blocks.clone(), sym[..., m:, m:].clone())
 
     @classmethod
-    def project_outer(cls, Y: Tensor):
+    def project_outer(cls, Y: Tensor) -> Self:
         nb, _ = cls._split(Y.shape[-2])
         B = cls.block_size
         m = nb * B
@@ -132,10 +145,10 @@ class BlockDiagonal(StructuredMatrix):
         return torch.cat([top, bottom], dim=-2)
 
     def matmat(self, X: Tensor) -> Tensor:
-        return self._apply(X, torch.matmul, torch.matmul)
+        return self._apply(X, transpose=False)
 
     def rmatmat(self, X: Tensor) -> Tensor:
-        return self._apply(X, lambda K, Z: K.mT @ Z, lambda K, Z: K.mT @ Z)
+        return self._apply(X, transpose=True)
 
     def outer_matmat(self, X: Tensor) -> Tensor:
         # K K^T X: forming the blocks of K K^T (nb B^3) beats a second product with X
@@ -173,6 +186,13 @@ class BlockDiagonal(StructuredMatrix):
     def trace(self) -> Tensor:
         main = torch.diagonal(self.blocks, dim1=-2, dim2=-1).sum((-2, -1))
         return main + torch.diagonal(self.last, dim1=-2, dim2=-1).sum(-1)
+
+
+def _plain(X: Tensor, blocks: Tensor, last: Tensor) -> bool:
+    """True when ``out=`` products may be used: eager, unbatched, no autograd, one dtype."""
+    if X.dim() != 2 or blocks.dim() != 3 or last.dim() != 2 or X.dtype != blocks.dtype:
+        return False
+    return _eager(X, blocks, last)
 
 
 @functools.cache

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
 
 from ._base import Scalar, StructuredMatrix, _add_diag, _resolve
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class Dense(StructuredMatrix):
@@ -21,19 +26,19 @@ class Dense(StructuredMatrix):
         return self.mat.shape[-1]
 
     @classmethod
-    def eye(cls, dim, dtype=None, device=None):
+    def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         return cls(torch.eye(dim, dtype=_resolve(dtype), device=device))
 
     @classmethod
-    def zeros(cls, dim, dtype=None, device=None):
+    def zeros(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         return cls(torch.zeros(dim, dim, dtype=_resolve(dtype), device=device))
 
     @classmethod
-    def from_dense(cls, sym: Tensor):
+    def from_dense(cls, sym: Tensor) -> Self:
         return cls(sym.clone())
 
     @classmethod
-    def project_outer(cls, Y: Tensor):
+    def project_outer(cls, Y: Tensor) -> Self:
         return cls(Y @ Y.mT)
 
     def to_dense(self) -> Tensor:

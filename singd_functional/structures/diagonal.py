@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
 
 from ._base import Scalar, StructuredMatrix, _resolve
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class Diagonal(StructuredMatrix):
@@ -21,19 +26,19 @@ class Diagonal(StructuredMatrix):
         return self.values.shape[-1]
 
     @classmethod
-    def eye(cls, dim, dtype=None, device=None):
+    def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         return cls(torch.ones(dim, dtype=_resolve(dtype), device=device))
 
     @classmethod
-    def zeros(cls, dim, dtype=None, device=None):
+    def zeros(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         return cls(torch.zeros(dim, dtype=_resolve(dtype), device=device))
 
     @classmethod
-    def from_dense(cls, sym: Tensor):
+    def from_dense(cls, sym: Tensor) -> Self:
         return cls(torch.diagonal(sym, dim1=-2, dim2=-1).clone())
 
     @classmethod
-    def project_outer(cls, Y: Tensor):
+    def project_outer(cls, Y: Tensor) -> Self:
         return cls(torch.linalg.vecdot(Y, Y))  # row sums of squares, no Y * Y temporary
 
     def to_dense(self) -> Tensor:

@@ -21,17 +21,23 @@ dense form, written per block so nothing d x d is formed):
 For speed the products with X go through the k1 + k2 dense ("hub") rows of K,
 W = [[A, B1, B2], [0, D, E]] ([k1 + k2, d]): each is one thin matmul with W over the
 whole of d plus one elementwise pass with c (see :meth:`Hierarchical.matmat`), and the
-two-sided K K^T X of the natural gradient never forms K^T X (:meth:`outer_matmat`).
+two-sided K K^T X of the natural gradient never forms K^T X (:meth:`outer_matmat`);
+outside vmap, grad and compile it writes its middle rows (columns) straight into the
+output instead of joining three parts.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ._base import Scalar, StructuredMatrix, _add_diag, _resolve
+from ._base import Scalar, StructuredMatrix, _add_diag, _eager, _resolve
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 def _cat_broadcast(parts: list[Tensor], dim: int) -> Tensor:
@@ -86,7 +92,7 @@ class Hierarchical(StructuredMatrix):
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def eye(cls, dim, dtype=None, device=None):
+    def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         k1, n, k2 = cls._split(dim)
         kw = {"dtype": _resolve(dtype), "device": device}
         return cls(
@@ -98,7 +104,7 @@ class Hierarchical(StructuredMatrix):
         )
 
     @classmethod
-    def zeros(cls, dim, dtype=None, device=None):
+    def zeros(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         k1, n, k2 = cls._split(dim)
         kw = {"dtype": _resolve(dtype), "device": device}
         return cls(
@@ -110,7 +116,7 @@ class Hierarchical(StructuredMatrix):
         )
 
     @classmethod
-    def from_dense(cls, sym: Tensor):
+    def from_dense(cls, sym: Tensor) -> Self:
         k1, n, k2 = cls._split(sym.shape[-1])
         s = k1 + n
         mid = sym[..., k1:s, k1:s]
@@ -123,7 +129,7 @@ class Hierarchical(StructuredMatrix):
         )
 
     @classmethod
-    def project_outer(cls, Y: Tensor):
+    def project_outer(cls, Y: Tensor) -> Self:
         k1, n, _ = cls._split(Y.shape[-2])
         s = k1 + n
         Y2 = Y[..., k1:s, :]
@@ -206,6 +212,11 @@ class Hierarchical(StructuredMatrix):
         X2 = X[..., k1 : k1 + n, :]
         Xh = torch.cat([X[..., :k1, :], X[..., k1 + n :, :]], dim=-2)
         hub = Wc @ X2 + WWt @ Xh
+        if self._writes_into(X):  # the middle rows go straight into the output (no join)
+            out = X.new_empty(X.shape)
+            torch.addcmul(Wc.mT @ Xh, c2.unsqueeze(-1), X2, out=out[k1 : k1 + n])
+            out[:k1], out[k1 + n :] = hub[:k1], hub[k1:]
+            return out
         mid = torch.addcmul(Wc.mT @ Xh, c2.unsqueeze(-1), X2)
         return _cat_broadcast([hub[..., :k1, :], mid, hub[..., k1:, :]], dim=-2)
 
@@ -215,8 +226,18 @@ class Hierarchical(StructuredMatrix):
         X2 = X[..., k1 : k1 + n]
         Xh = torch.cat([X[..., :k1], X[..., k1 + n :]], dim=-1)
         hub = X2 @ Wc.mT + Xh @ WWt  # W W^T is symmetric
+        if self._writes_into(X):
+            out = X.new_empty(X.shape)
+            torch.addcmul(Xh @ Wc, X2, c2.unsqueeze(-2), out=out[:, k1 : k1 + n])
+            out[:, :k1], out[:, k1 + n :] = hub[:, :k1], hub[:, k1:]
+            return out
         mid = torch.addcmul(Xh @ Wc, X2, c2.unsqueeze(-2))
         return _cat_broadcast([hub[..., :k1], mid, hub[..., k1:]], dim=-1)
+
+    def _writes_into(self, X: Tensor) -> bool:
+        """True when a product may write its parts into one output (see ``_eager``)."""
+        return (X.dim() == 2 and self.c.dim() == 1 and X.dtype == self.c.dtype
+                and _eager(X, *self.leaves))
 
     def matmul(self, other: Hierarchical) -> Hierarchical:
         A, B, c, D, E = self.leaves

@@ -26,12 +26,15 @@ every operation is also ``torch.func.vmap``-able.
 from __future__ import annotations
 
 import functools
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ._base import Scalar, StructuredMatrix, _resolve
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["TrilToeplitz", "TriuToeplitz"]
 
@@ -159,17 +162,17 @@ class _Toeplitz(StructuredMatrix):
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def eye(cls, dim, dtype=None, device=None):
+    def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         dtype = _resolve(dtype)
         one = torch.ones(1, dtype=dtype, device=device)
         return cls(torch.cat([one, torch.zeros(dim - 1, dtype=dtype, device=device)]))
 
     @classmethod
-    def zeros(cls, dim, dtype=None, device=None):
+    def zeros(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         return cls(torch.zeros(dim, dtype=_resolve(dtype), device=device))
 
     @classmethod
-    def from_dense(cls, sym: Tensor):
+    def from_dense(cls, sym: Tensor) -> Self:
         d = sym.shape[-1]
         dtype = sym.dtype
         M = sym.to(_work_dtype(dtype))
@@ -185,7 +188,7 @@ class _Toeplitz(StructuredMatrix):
         return cls((0.5 * two_sided * w).to(dtype))
 
     @classmethod
-    def project_outer(cls, Y: Tensor):
+    def project_outer(cls, Y: Tensor) -> Self:
         # A_k = sum_r sum_i Y[i, r] Y[i + k, r]: the column-summed autocorrelation,
         # computed on the rows of Y^T (FFTs along the contiguous dimension of a Y that
         # is itself a transposed view, as K^T a^T is)
