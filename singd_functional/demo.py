@@ -412,7 +412,8 @@ class GPTRun:
 
 
 def gpt_optimizers(model: nn.Module, structure: str) -> list[torch.optim.Optimizer]:
-    """SINGD (drop-in) for every SINGD layer, AdamW for the remaining parameters."""
+    """SINGD (drop-in) for every SINGD layer, AdamW for the remaining parameters (norms;
+    embeddings too where no embedding kind is registered)."""
     singd = sf.SINGD(model, structures=(structure, structure), loss_average="batch+sequence",
                      warn_unsupported=False, **GPT_SINGD_HP)
     mine = {id(p) for g in singd.param_groups for p in g["params"]}

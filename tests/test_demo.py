@@ -83,7 +83,10 @@ def test_transformer_drop_in_trains_every_parameter():
     singd, adamw = demo.gpt_optimizers(model, "diagonal")
     mine = [p for g in singd.param_groups for p in g["params"]]
     rest = [p for g in adamw.param_groups for p in g["params"]]
-    assert len(mine) == 2 * 5  # weight and bias of qkv, proj, fc, out, head
+    linear = [p for m in model.modules() if isinstance(m, torch.nn.Linear)
+              for p in (m.weight, m.bias)]
+    assert {id(p) for p in linear} <= {id(p) for p in mine}  # every linear map, and with
+    assert len(mine) >= 2 * 5  # main's kinds the embeddings too
     assert {id(p) for p in mine}.isdisjoint(id(p) for p in rest)
     assert len(mine) + len(rest) == len(list(model.parameters()))
 
