@@ -123,3 +123,40 @@ def test_compiled_step_on_cuda_equals_eager():
             fn = fns[0] if t % 2 == 0 else fns[1]
             runs[name][0], runs[name][1], _ = fn(p, s, x, y, hyperparams=hp)
     assert_close(runs["compiled"][0], runs["eager"][0], tol=1e-5)
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "grad_scaler"])
+def test_drop_in_step_never_synchronises_with_the_host(scaler):
+    """No host synchronisation in backward's recording hooks or in ``step()`` (statistics
+    and plain steps, with and without a GradScaler): CUDA's sync debug mode raises on one.
+    The first iteration runs outside it (lazy initialisation may synchronise once)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5)
+    ).cuda()
+    opt = sf.SINGD(model, lr=1e-2, T=2, structures=("dense", "diagonal"))
+    grad_scaler = torch.amp.GradScaler("cuda") if scaler else None
+    x = torch.randn(64, 20, device="cuda")
+    y = torch.randint(0, 5, (64,), device="cuda")
+
+    def iteration():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        if grad_scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            grad_scaler.scale(loss).backward()
+            grad_scaler.step(opt)
+            grad_scaler.update()
+
+    iteration()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):  # two statistics steps (T=2) and two plain ones
+            iteration()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
