@@ -53,8 +53,8 @@ SWEEP_LRS = (1e-3, 3e-1)  # log-spaced range of the learning-rate sweep
 # The character transformer's (benchmarks/transformer_bench.py tuned the lrs on this
 # model: see benchmarks/results/transformer_bench.md).
 # damping 1e-2 and lr_cov 1e-1 (not the defaults 1e-3, 1e-2): benchmarks/transformer_settings.py
-GPT_SINGD_HP = dict(lr=3e-2, momentum=0.9, damping=1e-2, lr_cov=1e-1, T=5)
-GPT_ADAMW_HP = dict(lr=3e-3, weight_decay=0.0)
+GPT_SINGD_HP: dict[str, Any] = dict(lr=3e-2, momentum=0.9, damping=1e-2, lr_cov=1e-1, T=5)
+GPT_ADAMW_HP: dict[str, Any] = dict(lr=3e-3, weight_decay=0.0)
 
 _MISSING_EXTRA = (
     "the demo needs scikit-learn, matplotlib and tqdm; install them with "
@@ -432,8 +432,9 @@ def train_transformer(
     data = chargpt.load_corpus(100_000 if quick else chargpt.DEFAULT_BUDGET)
     batches = [(x.to(device), y.to(device))
                for x, y in chargpt.batch_stream(data, steps, 32, 64, seed)]
-    windows = tuple(t.to(device) for t in chargpt.val_windows(data, 64, 64 if quick else 256))
-    factories = {
+    val_x, val_y = chargpt.val_windows(data, 64, 64 if quick else 256)
+    windows = (val_x.to(device), val_y.to(device))
+    factories: dict[str, Callable[[nn.Module], list[torch.optim.Optimizer]]] = {
         "SINGD (dense)": lambda m: gpt_optimizers(m, "dense"),
         f"SINGD ({structure})": lambda m: gpt_optimizers(m, structure),
         "AdamW": lambda m: [torch.optim.AdamW(m.parameters(), **GPT_ADAMW_HP)],
@@ -619,7 +620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = sweep_lrs(data, size=args.sweep_size, structure=args.structures[0],
                           epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                           device=args.device)
-    gpt_runs, gpt_info = [], {}
+    gpt_runs: list[GPTRun] = []
+    gpt_info: dict[str, Any] = {}
     if args.transformer_steps:
         gpt_runs, gpt_info = train_transformer(
             steps=min(args.transformer_steps, 10) if args.quick else args.transformer_steps,

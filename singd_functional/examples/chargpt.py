@@ -131,6 +131,8 @@ def val_windows(data: CharData, context: int, n: int = 256) -> tuple[Tensor, Ten
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention from two ``nn.Linear`` layers (nanoGPT's)."""
 
+    future: Tensor  # [context, context] bool, True above the diagonal (a buffer)
+
     def __init__(self, width: int, heads: int, context: int):
         super().__init__()
         if width % heads:
@@ -173,6 +175,8 @@ class Block(nn.Module):
 
 class CharGPT(nn.Module):
     """Token + position embeddings, ``blocks``, final LayerNorm, linear head."""
+
+    mask: Tensor  # [context, context] additive causal mask (a buffer)
 
     def __init__(self, vocab: int, width: int, context: int, blocks: nn.ModuleList,
                  causal_mask: bool):
