@@ -111,3 +111,15 @@ def run_core(kind, steps, loss_average="batch", T=1, device="cpu", **hp):
         updates, state = tx.update(grads, state, params, captures=captures if t % T == 0 else None)
         params = sf.apply_updates(params, updates)
     return params, state
+
+
+class LinearUsedByWeight(nn.Module):
+    """Two Linear layers; ``b``'s weight is used through ``F.linear`` without calling ``b``
+    (so no hook or capture of ``b`` fires)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.a(x)), self.b.weight, self.b.bias)

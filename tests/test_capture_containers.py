@@ -28,6 +28,7 @@ from torch import nn
 
 import singd_functional as sf
 from singd_functional.layers import LayerInfo
+from tests.models import LinearUsedByWeight
 
 VOCAB, WIDTH, CONTEXT = 11, 16, 6
 
@@ -192,15 +193,7 @@ def test_untraceable_transformer_falls_back_with_one_warning():
 def test_no_error_advises_dropping_a_called_layer():
     """A layer whose weight is used without calling its module is named, with the fix."""
 
-    class Functional(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
-
-        def forward(self, x):
-            return F.linear(torch.tanh(self.a(x)), self.b.weight, self.b.bias)
-
-    model = Functional()
+    model = LinearUsedByWeight()
     layers = sf.find_layers(model)
     with pytest.raises(ValueError, match=r"never calls the modules of layers \['b'\].*"
                                          r"F.linear\(x, m.weight\), is no layer call"):

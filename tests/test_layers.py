@@ -26,6 +26,7 @@ from torch import nn
 
 import singd_functional as sf
 from singd_functional.layers import OPAQUE, LayerInfo, kind_of_module, layer_kind, summary
+from tests.models import LinearUsedByWeight
 
 
 class CastedLinear(nn.Linear):
@@ -463,15 +464,7 @@ def test_dropin_kind_forward_equals_pure_face_and_linear_twin():
 
 
 def test_dropin_warns_once_for_a_layer_it_cannot_record():
-    class Functional(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
-
-        def forward(self, x):
-            return F.linear(torch.tanh(self.a(x)), self.b.weight, self.b.bias)
-
-    model = Functional()
+    model = LinearUsedByWeight()
     opt = sf.SINGD(model, T=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
