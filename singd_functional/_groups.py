@@ -19,7 +19,7 @@ from . import _fsdp, _options
 from .combine import GradientTransformation
 from .factors import Factors
 from .layers import LayerInfo, layer_kind, module_layers
-from .transform import singd
+from .transform import _Kronecker, _kronecker, singd
 
 # Group entries fixed when the group's state is created (its layout depends on them).
 LOCKED = ("structures", "kfac_like")
@@ -148,6 +148,17 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
     return Group(index, layers, params, locked(group), bool(state.momenta))
 
 
+def _static_options(group: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of the pure core that the group's static entries (``STATIC``) set."""
+    return dict(
+        structures=group["structures"], kfac_approx=group["kfac_approx"],
+        loss_average=group["loss_average"], kfac_like=group["kfac_like"],
+        normalize_lr_cov=group["normalize_lr_cov"],
+        preconditioner_dtype=group["preconditioner_dtype"],
+        cache_preconditioner=group["T"] > 1,
+    )
+
+
 def transform(group: dict[str, Any], layers: tuple[LayerInfo, ...], alpha1
               ) -> GradientTransformation:
     """The pure core for ``layers`` with the group's static entries.
@@ -159,11 +170,7 @@ def transform(group: dict[str, Any], layers: tuple[LayerInfo, ...], alpha1
         layers,
         lr=group["lr"], momentum=group["momentum"], damping=group["damping"],
         alpha1=alpha1, weight_decay=group["weight_decay"], lr_cov=group["lr_cov"],
-        structures=group["structures"], kfac_approx=group["kfac_approx"],
-        loss_average=group["loss_average"], kfac_like=group["kfac_like"],
-        normalize_lr_cov=group["normalize_lr_cov"],
-        preconditioner_dtype=group["preconditioner_dtype"],
-        cache_preconditioner=group["T"] > 1,
+        **_static_options(group),
     )
 
 
@@ -175,6 +182,20 @@ def group_transform(grp: Group, group: dict, active: tuple[Layer, ...]) -> Gradi
         alpha1 = 0.5 if grp.keeps_momenta else 0.0
         tx = grp.transforms[key] = transform(group, tuple(l.info for l in active), alpha1)
     return tx
+
+
+def group_directions(grp: Group, group: dict, active: tuple[Layer, ...]) -> _Kronecker:
+    """The (cached) preconditioning stage of :func:`group_transform` alone (``kron.step``
+    gives C C^T G K K^T per layer and the gradient elsewhere): the drop-in's plain step
+    does the first-order rest in place (``_step._lean_update``)."""
+    key = ("directions", tuple(l.name for l in active),
+           tuple(_static_key(group[e]) for e in STATIC))
+    kron = grp.transforms.get(key)
+    if kron is None:
+        alpha1 = 0.0 if group["kfac_like"] or not grp.keeps_momenta else 0.5
+        kron = grp.transforms[key] = _kronecker(tuple(l.info for l in active), alpha1,
+                                                **_static_options(group))
+    return kron
 
 
 def _static_key(value) -> Any:

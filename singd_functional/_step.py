@@ -10,6 +10,11 @@ Two variants of the last call share the step's work across processes: parameters
 sharded by ``fully_shard`` go to ``_fsdp.sharded_update`` (row shards), and
 ``split_work`` to ``_split.split_update`` (one owner per layer). An unwrapped model's
 gradients are reduced with the statistics (``_distributed.all_reduce_step``).
+
+A group without statistics this step (otherwise) takes the core's preconditioning stage
+alone and does weight decay, heavy-ball, lr and the parameter update in place, fused
+over its parameters (``_lean_update``): the same numbers, bit for bit, without the
+core's fresh tensors per parameter.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from ._groups import (
     all_layers,
     check_weight,
     follow_params,
+    group_directions,
     group_transform,
     locked,
     store_factors,
 )
 from .factors import Factors
+from .fallbacks import _check_velocity, _decayed_, _heavy_ball_, _scaled_
 from .precondition import outer_products
 from .statistics import LayerStatistics
 from .transform import HyperParams, SINGDState
@@ -85,11 +92,16 @@ def step(optimizer) -> None:
             ok = ok & guard.all_finite(changed, device=ok.device)
         selected = set(results) if ok is not None else set()
         for n, (plan, group) in enumerate(live):
-            if n not in results:
+            if n in results:
+                continue
+            if optimizer._lean and not sharded and not optimizer.split_work:
+                _lean_update(optimizer, plan, group, grad_scale, ok)  # applied in place
+            else:
                 results[n] = _update(optimizer, plan, group, grad_scale, ok)
         for n, (plan, _) in enumerate(live):
-            updates, new = results[n]
-            _apply(optimizer, plan, updates, new, ok if n in selected else None, present)
+            if n in results:
+                updates, new = results[n]
+                _apply(optimizer, plan, updates, new, ok if n in selected else None, present)
         for group in optimizer.param_groups:
             group["step"] += 1
         if ok is not None:
@@ -262,21 +274,30 @@ def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
     return _Plan(grp, keys, no_grad, grads, params, layer_state, state, statistics, active)
 
 
+def _gated(hp: HyperParams, grads: dict, gate: Tensor) -> tuple[HyperParams, dict]:
+    """The numbers and gradients of a step that is a no-op where ``gate`` is False.
+
+    In place: finite gradients stay bit for bit, those of a skipped step become 0; lr
+    and weight decay times the gate, momentum 1 where it is False (``step``).
+    """
+    grads = {k: guard.zero_where_not_(gate, g) for k, g in grads.items()}
+    wide = gate.to(torch.float64)
+    lr, momentum, weight_decay = hp.lr, hp.momentum, hp.weight_decay
+    assert lr is not None and momentum is not None and weight_decay is not None  # filled
+    hp = hp._replace(
+        lr=lr * wide,
+        momentum=torch.where(gate, wide.new_full((), 0.0) + momentum, wide.new_ones(())),
+        weight_decay=weight_decay * wide if _nonzero(weight_decay) else weight_decay,
+    )
+    return hp, grads
+
+
 def _update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None):
     """The group's pure update; with ``gate``, a no-op where the gate is False (``step``)."""
     hp = hyperparams(plan.grp, group, due=bool(plan.statistics))
     grads = plan.grads
     if gate is not None:
-        # in place: finite gradients stay bit for bit, those of a skipped step become 0
-        grads = {k: guard.zero_where_not_(gate, g) for k, g in grads.items()}
-        wide = gate.to(torch.float64)
-        lr, momentum, weight_decay = hp.lr, hp.momentum, hp.weight_decay
-        assert lr is not None and momentum is not None and weight_decay is not None  # filled
-        hp = hp._replace(
-            lr=lr * wide,
-            momentum=torch.where(gate, wide.new_full((), 0.0) + momentum, wide.new_ones(())),
-            weight_decay=weight_decay * wide if _nonzero(weight_decay) else weight_decay,
-        )
+        hp, grads = _gated(hp, grads, gate)
     options = dict(statistics=plan.statistics or None, grad_scale=grad_scale, hyperparams=hp)
     grp, active = plan.grp, plan.active
     infos = tuple(l.info for l in active)
@@ -294,6 +315,38 @@ def _update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None
             owners=_owners(optimizer, split_group), group=split_group, **options,
         )
     return group_transform(grp, group, active).update(grads, plan.state, plan.params, **options)
+
+
+def _lean_update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None) -> None:
+    """A step without statistics, written in place: the numbers of ``_update`` + ``_apply``.
+
+    The directions come from the core's preconditioning stage (``group_directions``:
+    C C^T G K K^T per layer, the gradient elsewhere); weight decay, heavy-ball, lr and
+    the parameter update are then done on them in place, fused over the group's
+    parameters (``fallbacks._decayed_``, ``_heavy_ball_``, ``_scaled_``: the core's
+    formulas and roundings), and the momentum buffers are the state's own tensors.
+    """
+    grp = plan.grp
+    hp = hyperparams(grp, group, due=False)
+    grads = plan.grads
+    if gate is not None:
+        hp, grads = _gated(hp, grads, gate)
+    velocity = plan.state.velocity
+    _check_velocity(grads, velocity, plan.params)
+    kron = group_directions(grp, group, plan.active)
+    directions, _ = kron.step(grads, plan.state, velocity, None, None, grad_scale,
+                              hp.damping, hp.alpha1, None)
+    keys = [k for k in plan.keys if k not in plan.no_grad]
+    # a direction that is the gradient itself (no layer, no loss scale) is not ours
+    d = [directions[k] if directions[k] is not grads[k] else directions[k].clone() for k in keys]
+    params = [plan.params[k] for k in keys]
+    _decayed_(d, params, hp.weight_decay)
+    _heavy_ball_(d, [velocity[k] for k in keys], hp.momentum)
+    _scaled_(d, hp.lr)
+    torch._foreach_add_(params, d)
+    for layer in plan.active:
+        if layer.name in plan.state.products:
+            layer.products = plan.state.products[layer.name]
 
 
 def _nonzero(value) -> bool:

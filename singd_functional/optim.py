@@ -193,6 +193,9 @@ class SINGD(OfficialNames, torch.optim.Optimizer):
         self._explicit_grad_scale: float | Tensor | None = None
         # skipping non-finite steps (guard.py); False only to measure what it costs
         self._guard = True
+        # plain steps in place (_step._lean_update); False only to compare with the
+        # pure core's update (tests, benchmarks)
+        self._lean = True
         self._skips = SkipCounter()
         explicit = params is not None
         if params is None:

@@ -183,3 +183,38 @@ def test_primitives_need_what_they_read():
     with pytest.raises(ValueError, match="lr must be >= 0"):
         sf.sgd().update(grads[0], sf.sgd().init(params), params,
                         hyperparams=sf.HyperParams(lr=-1.0))
+
+
+@pytest.mark.parametrize("numbers", ["float", "tensor", "zero decay"])
+def test_the_in_place_helpers_equal_the_dict_helpers_bit_for_bit(numbers):
+    """``_decayed_``, ``_heavy_ball_``, ``_scaled_`` (the drop-in's plain step) take the
+    same operations as ``_decayed``, ``_heavy_ball``, ``_scaled`` (the pure core)."""
+    from singd_functional.fallbacks import (
+        _decayed,
+        _decayed_,
+        _heavy_ball,
+        _heavy_ball_,
+        _scaled,
+        _scaled_,
+    )
+    lr, momentum, weight_decay = 0.05, 0.9, (0.0 if numbers == "zero decay" else 1e-2)
+    if numbers == "tensor":
+        lr, momentum, weight_decay = (torch.tensor(v, dtype=torch.float64)
+                                      for v in (lr, momentum, weight_decay))
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        params, grads, velocity = ({k: torch.randn(300, 7, generator=g).to(dtype)
+                                    for k in ("w", "b")} for _ in range(3))
+        keys = list(params)
+        v_new = _heavy_ball(_decayed(grads, params, weight_decay, keys), velocity, momentum)
+        updates = _scaled(v_new, lr)
+
+        d = [grads[k].clone() for k in keys]
+        v = [velocity[k].clone() for k in keys]
+        buffers = list(v)
+        _decayed_(d, [params[k] for k in keys], weight_decay)
+        _heavy_ball_(d, v, momentum)
+        _scaled_(d, lr)
+        for k, u, vk, buffer in zip(keys, d, v, buffers):
+            assert torch.equal(u, updates[k]) and torch.equal(vk, v_new[k]), k
+            assert vk is buffer  # the velocity keeps its tensors
