@@ -40,7 +40,7 @@ from ._groups import (
     store_factors,
 )
 from .factors import Factors
-from .fallbacks import _check_velocity, _decayed_, _heavy_ball_, _scaled_
+from .fallbacks import _check_velocity, _decayed_, _descend_, _heavy_ball_
 from .precondition import outer_products
 from .statistics import LayerStatistics
 from .transform import HyperParams, SINGDState
@@ -274,22 +274,17 @@ def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
     return _Plan(grp, keys, no_grad, grads, params, layer_state, state, statistics, active)
 
 
-def _gated(hp: HyperParams, grads: dict, gate: Tensor) -> tuple[HyperParams, dict]:
-    """The numbers and gradients of a step that is a no-op where ``gate`` is False.
-
-    In place: finite gradients stay bit for bit, those of a skipped step become 0; lr
-    and weight decay times the gate, momentum 1 where it is False (``step``).
-    """
-    grads = {k: guard.zero_where_not_(gate, g) for k, g in grads.items()}
+def _gated(hp: HyperParams, gate: Tensor) -> HyperParams:
+    """The numbers of a step that is a no-op where ``gate`` (0-d bool) is False, given
+    zero directions there: lr and weight decay times the gate, momentum 1 where False."""
     wide = gate.to(torch.float64)
     lr, momentum, weight_decay = hp.lr, hp.momentum, hp.weight_decay
     assert lr is not None and momentum is not None and weight_decay is not None  # filled
-    hp = hp._replace(
+    return hp._replace(
         lr=lr * wide,
         momentum=torch.where(gate, wide.new_full((), 0.0) + momentum, wide.new_ones(())),
         weight_decay=weight_decay * wide if _nonzero(weight_decay) else weight_decay,
     )
-    return hp, grads
 
 
 def _update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None):
@@ -297,7 +292,9 @@ def _update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None
     hp = hyperparams(plan.grp, group, due=bool(plan.statistics))
     grads = plan.grads
     if gate is not None:
-        hp, grads = _gated(hp, grads, gate)
+        # in place: finite gradients stay bit for bit, those of a skipped step become 0
+        grads = {k: guard.zero_where_not_(gate, g) for k, g in grads.items()}
+        hp = _gated(hp, gate)
     options = dict(statistics=plan.statistics or None, grad_scale=grad_scale, hyperparams=hp)
     grp, active = plan.grp, plan.active
     infos = tuple(l.info for l in active)
@@ -318,32 +315,36 @@ def _update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None
 
 
 def _lean_update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None) -> None:
-    """A step without statistics, written in place: the numbers of ``_update`` + ``_apply``.
+    """A step without statistics, in place: ``_update`` + ``_apply`` to a rounding.
 
     The directions come from the core's preconditioning stage (``group_directions``:
     C C^T G K K^T per layer, the gradient elsewhere); weight decay, heavy-ball, lr and
-    the parameter update are then done on them in place, fused over the group's
-    parameters (``fallbacks._decayed_``, ``_heavy_ball_``, ``_scaled_``: the core's
-    formulas and roundings), and the momentum buffers are the state's own tensors.
+    the parameter update are then done in place, fused over the group's parameters
+    (``fallbacks._decayed_``, ``_heavy_ball_``, ``_descend_``), on the state's own
+    momentum buffers. With ``gate``, the directions (not the gradients) are made finite
+    and weighted by it, and lr and momentum gated (``_gated``): a skipped step changes
+    nothing, bit for bit, at one pass over the directions.
     """
     grp = plan.grp
     hp = hyperparams(grp, group, due=False)
-    grads = plan.grads
-    if gate is not None:
-        hp, grads = _gated(hp, grads, gate)
     velocity = plan.state.velocity
-    _check_velocity(grads, velocity, plan.params)
+    _check_velocity(plan.grads, velocity, plan.params)
     kron = group_directions(grp, group, plan.active)
-    directions, _ = kron.step(grads, plan.state, velocity, None, None, grad_scale,
+    directions, _ = kron.step(plan.grads, plan.state, velocity, None, None, grad_scale,
                               hp.damping, hp.alpha1, None)
     keys = [k for k in plan.keys if k not in plan.no_grad]
     # a direction that is the gradient itself (no layer, no loss scale) is not ours
-    d = [directions[k] if directions[k] is not grads[k] else directions[k].clone() for k in keys]
+    d = [directions[k] if directions[k] is not plan.grads[k] else directions[k].clone()
+         for k in keys]
     params = [plan.params[k] for k in keys]
-    _decayed_(d, params, hp.weight_decay)
-    _heavy_ball_(d, [velocity[k] for k in keys], hp.momentum)
-    _scaled_(d, hp.lr)
-    torch._foreach_add_(params, d)
+    weight = None
+    _decayed_(d, params, hp.weight_decay)  # (ungated: zero directions are not needed)
+    if gate is not None:
+        hp, weight = _gated(hp, gate), gate.to(d[0].dtype) if d else None
+        for t in d:
+            torch.nan_to_num_(t)
+    _heavy_ball_([velocity[k] for k in keys], d, hp.momentum, weight)
+    _descend_(params, [velocity[k] for k in keys], hp.lr)
     for layer in plan.active:
         if layer.name in plan.state.products:
             layer.products = plan.state.products[layer.name]

@@ -54,12 +54,13 @@ def _scaled(updates: dict, lr) -> dict:
     return {k: u * neg for k, u in updates.items()}
 
 
-# The same three formulas in place, over lists, one ``torch._foreach_*`` call per formula
-# and all parameters (as torch.optim's foreach paths): for the drop-in's plain step, on
-# direction tensors it owns. Each takes the same operation as its dict helper above, so
-# the numbers are bit for bit the same (tests/test_fallbacks.py). In place, the tail
-# allocates nothing: on the CPU fresh parameter-sized tensors cost page faults (a plain
-# drop-in step of the MLP 784-512-512-10, diagonal: 180 before, 0 with these).
+# The same formulas in place, over lists, one ``torch._foreach_*`` call each for all
+# parameters (as torch.optim's foreach paths do): the drop-in's plain step. The sums are
+# the same; the roundings are torch.optim.SGD's (v <- m v, then v + u; w + (-lr) v fused)
+# rather than the dict helpers' (one fused m v + u; w + (-lr v)), i.e. the same numbers
+# to a rounding per step (tests/test_fallbacks.py). In place, the heavy-ball and the
+# update allocate nothing: on the CPU fresh parameter-sized tensors cost page faults (a
+# plain drop-in step of the MLP 784-512-512-10, diagonal: 180 before, 0 with these).
 
 
 def _decayed_(updates: list[Tensor], params: list[Tensor], weight_decay) -> None:
@@ -71,22 +72,26 @@ def _decayed_(updates: list[Tensor], params: list[Tensor], weight_decay) -> None
     torch._foreach_add_(updates, torch._foreach_mul(params, weight_decay))
 
 
-def _heavy_ball_(updates: list[Tensor], velocity: list[Tensor], momentum) -> None:
-    """:func:`_heavy_ball` in place: ``updates`` and then ``velocity`` hold momentum v + u.
+def _heavy_ball_(velocity: list[Tensor], updates: list[Tensor], momentum,
+                 weight: Tensor | None = None) -> None:
+    """:func:`_heavy_ball` in place on ``velocity``: v <- momentum v + u.
 
-    ``velocity`` keeps its tensors (the optimizer state's own buffers); the new values
-    are made in ``updates`` (one fused pass, the dict helper's operation) and copied.
+    ``weight`` (a 0-d tensor): v <- momentum v + weight u; ``updates`` must then be
+    finite (0 times inf is NaN).
     """
-    if _is_float(momentum):
-        torch._foreach_add_(updates, velocity, alpha=momentum)
+    torch._foreach_mul_(velocity, momentum)
+    if weight is None:
+        torch._foreach_add_(velocity, updates)
     else:
-        torch._foreach_addcmul_(updates, velocity, [momentum] * len(velocity))
-    torch._foreach_copy_(velocity, updates)
+        torch._foreach_addcmul_(velocity, updates, [weight] * len(updates))
 
 
-def _scaled_(updates: list[Tensor], lr) -> None:
-    """:func:`_scaled` in place: u <- -lr u."""
-    torch._foreach_mul_(updates, -lr)
+def _descend_(params: list[Tensor], velocity: list[Tensor], lr) -> None:
+    """:func:`_scaled` and the update in place on ``params``: w <- w - lr v."""
+    if _is_float(lr):
+        torch._foreach_add_(params, velocity, alpha=-lr)
+    else:
+        torch._foreach_addcmul_(params, velocity, [-lr] * len(velocity))
 
 
 def _check_velocity(updates, velocity: dict, params=None, exact: bool = False) -> None:

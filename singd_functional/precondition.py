@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .layers import LayerInfo, layer_kind
 from .structures import StructuredMatrix
+from .structures.diagonal import Diagonal
 
 
 def layer_gradient_matrix(info: LayerInfo, grads) -> Tensor:
@@ -62,3 +63,31 @@ def split_layer_update(info: LayerInfo, D: Tensor, params) -> dict[str, Tensor]:
     if info.bias is not None:
         out[info.bias] = D[:, info.d_in].reshape(params[info.bias].shape)
     return out
+
+
+def layer_directions(
+    info: LayerInfo,
+    K: StructuredMatrix,
+    C: StructuredMatrix,
+    grads,
+    cached: dict[str, StructuredMatrix] | None = None,
+) -> dict[str, Tensor]:
+    """D = C C^T G K K^T of one layer, as tensors shaped like its weight (and bias).
+
+    A diagonal K does not mix the columns of G, so the bias column is preconditioned
+    on its own, D_b = C C^T g_b k_b^2, without joining [grad W | grad b] and splitting
+    D (the same numbers; a dense C C^T's product of one column may round differently).
+    """
+    if info.bias is None or not isinstance(K, Diagonal):
+        D = natural_gradient(K, C, layer_gradient_matrix(info, grads), cached)
+        return split_layer_update(info, D, grads)
+    cached = cached or {}
+    KK = cached["K"] if "K" in cached else K.outer_self()  # k^2 (its product, as uncached)
+    left = {"C": cached["C"]} if "C" in cached else {}
+    kind, d_in = layer_kind(info), info.d_in
+    G_W = kind.weight_matrix(info, grads[info.weight])
+    D_W = natural_gradient(K, C, G_W, {**left, "K": Diagonal(KK.values[:d_in])})
+    g_b = grads[info.bias].reshape(info.d_out, 1)
+    D_b = natural_gradient(K, C, g_b, {**left, "K": Diagonal(KK.values[d_in:])})
+    return {info.weight: kind.weight_from_matrix(info, D_W, grads[info.weight]),
+            info.bias: D_b.reshape(grads[info.bias].shape)}

@@ -38,12 +38,7 @@ from .factors import Factors, update_factors
 from .fallbacks import _check_velocity, _decayed, _heavy_ball, _scaled
 from .hyperparams import HyperParams, Number, reader, reject_foreign, restrict
 from .layers import LayerInfo, layer_kind
-from .precondition import (
-    layer_gradient_matrix,
-    natural_gradient,
-    outer_products,
-    split_layer_update,
-)
+from .precondition import layer_directions, outer_products
 from .statistics import KFAC_APPROXES, LOSS_AVERAGES, LayerStatistics, layer_part
 from .structures import StructuredMatrix
 
@@ -273,9 +268,8 @@ def _kronecker(
 
         directions = {k: grads[k] for k in keys}
         for info in layers:
-            G = layer_gradient_matrix(info, grads)
-            D = natural_gradient(*factors[info.name], G, products.get(info.name))
-            directions.update(split_layer_update(info, D, grads))
+            K, C = factors[info.name]
+            directions.update(layer_directions(info, K, C, grads, products.get(info.name)))
         if not (isinstance(grad_scale, (int, float)) and grad_scale == 1):
             directions = {k: d / grad_scale for k, d in directions.items()}
         return directions, KroneckerState(state.count + 1, factors, momenta, products)

@@ -185,36 +185,49 @@ def test_primitives_need_what_they_read():
                         hyperparams=sf.HyperParams(lr=-1.0))
 
 
-@pytest.mark.parametrize("numbers", ["float", "tensor", "zero decay"])
-def test_the_in_place_helpers_equal_the_dict_helpers_bit_for_bit(numbers):
-    """``_decayed_``, ``_heavy_ball_``, ``_scaled_`` (the drop-in's plain step) take the
-    same operations as ``_decayed``, ``_heavy_ball``, ``_scaled`` (the pure core)."""
+@pytest.mark.parametrize("numbers", ["float", "tensor", "zero decay", "gated"])
+def test_the_in_place_helpers_equal_the_dict_helpers(numbers):
+    """``_decayed_``, ``_heavy_ball_``, ``_descend_`` (the drop-in's plain step, in place)
+    give the numbers of ``_decayed``, ``_heavy_ball``, ``_scaled`` and the update (the
+    pure core) to a rounding; with a 0-d weight 0 (a skipped step) nothing changes."""
     from singd_functional.fallbacks import (
         _decayed,
         _decayed_,
+        _descend_,
         _heavy_ball,
         _heavy_ball_,
         _scaled,
-        _scaled_,
     )
     lr, momentum, weight_decay = 0.05, 0.9, (0.0 if numbers == "zero decay" else 1e-2)
-    if numbers == "tensor":
+    if numbers in ("tensor", "gated"):
         lr, momentum, weight_decay = (torch.tensor(v, dtype=torch.float64)
                                       for v in (lr, momentum, weight_decay))
     g = torch.Generator().manual_seed(3)
-    for dtype in (torch.float32, torch.float64):
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-15)):
         params, grads, velocity = ({k: torch.randn(300, 7, generator=g).to(dtype)
                                     for k in ("w", "b")} for _ in range(3))
         keys = list(params)
         v_new = _heavy_ball(_decayed(grads, params, weight_decay, keys), velocity, momentum)
-        updates = _scaled(v_new, lr)
+        p_new = {k: p + u for k, (p, u) in zip(keys, zip(params.values(),
+                                                        _scaled(v_new, lr).values()))}
 
-        d = [grads[k].clone() for k in keys]
-        v = [velocity[k].clone() for k in keys]
-        buffers = list(v)
-        _decayed_(d, [params[k] for k in keys], weight_decay)
-        _heavy_ball_(d, v, momentum)
-        _scaled_(d, lr)
-        for k, u, vk, buffer in zip(keys, d, v, buffers):
-            assert torch.equal(u, updates[k]) and torch.equal(vk, v_new[k]), k
-            assert vk is buffer  # the velocity keeps its tensors
+        for ok in ((True, False) if numbers == "gated" else (None,)):
+            d = [grads[k].clone() for k in keys]
+            v = [velocity[k].clone() for k in keys]
+            p = [params[k].clone() for k in keys]
+            buffers = list(v)
+            _decayed_(d, p, weight_decay)
+            weight = None if ok is None else torch.tensor(float(ok), dtype=dtype)
+            m, rate = momentum, lr
+            if ok is False:  # the gate of a skipped step (_step._gated)
+                m, rate = torch.ones((), dtype=torch.float64), lr * 0
+            _heavy_ball_(v, d, m, weight)
+            _descend_(p, v, rate)
+            for k, vk, pk, buffer in zip(keys, v, p, buffers):
+                assert vk is buffer  # the velocity keeps its tensors
+                if ok is False:
+                    assert torch.equal(vk, velocity[k]) and torch.equal(pk, params[k]), k
+                    continue
+                for new, ref in ((vk, v_new[k]), (pk, p_new[k])):
+                    err = ((new - ref).norm() / ref.norm()).item()
+                    assert err < tol, (k, err)
