@@ -55,11 +55,12 @@ def step(optimizer) -> None:
     ``lr_cov(t)`` and lives on the host, which cannot know the verdict without waiting).
 
     Groups without statistics this step: the verdict is known before their update, so
-    it enters as numbers: gradients zeroed in place (``guard.zero_where_not_``; the
-    ``p.grad`` of a skipped step reads 0 afterwards), lr and weight
-    decay times ok, momentum 1 where not ok; then v <- 1 v + 0 and the update -0 v
-    leave everything as it was, at the cost of one check and two cheap passes over the
-    gradients. Groups with statistics update first, as usual; the verdict then also
+    it enters as numbers: their directions made finite and weighted by ok
+    (``_lean_update``; under fully_shard or split_work the gradients are zeroed in place
+    instead, ``guard.zero_where_not_``), lr and weight decay times ok, momentum 1 where
+    not ok; then v <- 1 v + 0 and the update -0 v leave everything as it was, at the
+    cost of one check over the gradients and one cheap pass over the directions.
+    Groups with statistics update first, as usual; the verdict then also
     takes their new factors, momenta and buffers (a bad statistic or an overflowing
     update shows there), and each of their changed tensors is selected with
     ``torch.where``.

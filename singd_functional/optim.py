@@ -112,8 +112,9 @@ class SINGD(OfficialNames, torch.optim.Optimizer):
     ``opt.skipped_steps`` counts such steps and the first one is warned about (at the
     next step). ``param_groups[i]["step"]`` counts every call of :meth:`step`, skipped
     ones included: it schedules T and ``lr_cov(t)``, so a skipped statistics step is
-    not redone at the next step. The ``p.grad`` of a skipped step reads 0 after it (the
-    step zeroes non-finite gradients in place rather than copying every gradient).
+    not redone at the next step. A step leaves ``p.grad`` as it is, except under
+    ``fully_shard`` or ``split_work``, where the gradients of a skipped step without
+    statistics read 0 after it (zeroed in place rather than copied).
 
     GradScaler: use it as with any optimizer, ``scaler.step(opt)``, with or without
     ``scaler.unscale_(opt)`` before (e.g. to clip gradients). Steps it finds non-finite

@@ -37,13 +37,17 @@ def natural_gradient(
     of two.
     """
     cached = cached or {}
-    dtype = G.dtype
-    G = G.to(C.dtype)
-    left = cached["C"].matmat(G) if "C" in cached else C.outer_matmat(G)  # C C^T G
-    left = left.to(K.dtype)
+    left = _left_product(K, C, G, cached)
     # K K^T is symmetric: (C C^T G) K K^T is a row-form product, no transposed copies
     D = cached["K"].matmat_right(left) if "K" in cached else K.outer_matmat_right(left)
-    return D.to(dtype)
+    return D.to(G.dtype)
+
+
+def _left_product(K: StructuredMatrix, C: StructuredMatrix, G: Tensor, cached: dict) -> Tensor:
+    """C C^T G, in K's dtype."""
+    G = G.to(C.dtype)
+    left = cached["C"].matmat(G) if "C" in cached else C.outer_matmat(G)
+    return left.to(K.dtype)
 
 
 def outer_products(K: StructuredMatrix, C: StructuredMatrix) -> dict[str, StructuredMatrix]:
@@ -83,10 +87,17 @@ def layer_directions(
         return split_layer_update(info, D, grads)
     cached = cached or {}
     KK = cached["K"] if "K" in cached else K.outer_self()  # k^2 (its product, as uncached)
+    assert isinstance(KK, Diagonal)
     left = {"C": cached["C"]} if "C" in cached else {}
     kind, d_in = layer_kind(info), info.d_in
     G_W = kind.weight_matrix(info, grads[info.weight])
-    D_W = natural_gradient(K, C, G_W, {**left, "K": Diagonal(KK.values[:d_in])})
+    left_W = _left_product(K, C, G_W, left)
+    # times k^2 in place where C C^T G is a fresh tensor (it always is, but a structure
+    # may return a view): one weight-sized tensor less per step, the same numbers
+    if left_W.untyped_storage().data_ptr() != G_W.untyped_storage().data_ptr():
+        D_W = left_W.mul_(KK.values[:d_in]).to(G_W.dtype)
+    else:
+        D_W = Diagonal(KK.values[:d_in]).matmat_right(left_W).to(G_W.dtype)
     g_b = grads[info.bias].reshape(info.d_out, 1)
     D_b = natural_gradient(K, C, g_b, {**left, "K": Diagonal(KK.values[d_in:])})
     return {info.weight: kind.weight_from_matrix(info, D_W, grads[info.weight]),
