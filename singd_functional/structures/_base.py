@@ -91,13 +91,15 @@ class StructuredMatrix:
         """The side d of the d x d matrix."""
         raise NotImplementedError
 
+    # (the first leaf read directly: read several times per layer and step, building
+    # the tuple of leaves was a tenth of a small model's plain drop-in step)
     @property
     def dtype(self) -> torch.dtype:
-        return self.leaves[0].dtype
+        return getattr(self, self._fields[0]).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.leaves[0].device
+        return getattr(self, self._fields[0]).device
 
     def storage_numel(self) -> int:
         """Number of stored entries (the storage formula of docs/algorithm.md#structures)."""
