@@ -37,14 +37,17 @@ def natural_gradient(
     of two.
     """
     cached = cached or {}
-    left = _left_product(K, C, G, cached)
+    dtype = G.dtype
+    G = G.to(C.dtype)
+    left = cached["C"].matmat(G) if "C" in cached else C.outer_matmat(G)  # C C^T G
+    left = left.to(K.dtype)
     # K K^T is symmetric: (C C^T G) K K^T is a row-form product, no transposed copies
     D = cached["K"].matmat_right(left) if "K" in cached else K.outer_matmat_right(left)
-    return D.to(G.dtype)
+    return D.to(dtype)
 
 
 def _left_product(K: StructuredMatrix, C: StructuredMatrix, G: Tensor, cached: dict) -> Tensor:
-    """C C^T G, in K's dtype."""
+    """C C^T G, in K's dtype (as in :func:`natural_gradient`)."""
     G = G.to(C.dtype)
     left = cached["C"].matmat(G) if "C" in cached else C.outer_matmat(G)
     return left.to(K.dtype)
