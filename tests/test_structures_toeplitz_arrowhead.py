@@ -183,6 +183,9 @@ def test_toeplitz_products_both_paths_match_dense_float64(name, d):
         for op in want:
             assert got[op].shape == want[op].shape, op
             close(got[op], want[op], 1e-12)
+        # the projections take the same two paths (a d x d Gram for small d)
+        close(T.project_outer(X).to_dense(), project(name, X @ X.T), 1e-12)
+        close(K.project_inner(X).to_dense(), project(name, Kd.T @ X @ X.T @ Kd), 1e-12)
     # the column forms of a contiguous X come back contiguous (no strided rows downstream)
     X = torch.randn(d, 5, dtype=torch.float64)
     assert K.outer_matmat(X).is_contiguous() and K.matmat(X).is_contiguous()
@@ -205,6 +208,12 @@ def test_toeplitz_products_under_vmap_autograd_and_batch_dims(name, d):
     for op in want:
         close(batched[op], want[op], 1e-12)
         close(mapped[op], want[op], 1e-12)
+    stats = torch.func.vmap(lambda c, x: (T.project_outer(x).coeffs, T(c).project_inner(x).coeffs))
+    for outer, inner in [(T.project_outer(X).coeffs, K.project_inner(X).coeffs),
+                         stats(K.coeffs, X)]:
+        for i in range(b):
+            close(T(outer[i]).to_dense(), project(name, X[i] @ X[i].T), 1e-12)
+            close(T(inner[i]).to_dense(), project(name, Kd[i].T @ X[i] @ X[i].T @ Kd[i]), 1e-12)
     c = K.coeffs[0].clone().requires_grad_(True)
     out = _products(T(c), X[0], Y[0])
     for op in want:

@@ -10,7 +10,8 @@ fast length n >= 2d - 1 (no wrap-around), so ``matmat`` / ``rmatmat`` cost
 O(n d log d) for X [d, n] and ``project_outer`` O(R d log d) for Y [d, R]; nothing
 d x d is formed except in :meth:`to_dense` / :meth:`from_dense` and, for d <= 96
 (``_DENSE_MAX``), in the products, which are then GEMMs with the d x d triangular
-matrix (faster than FFTs there). The FFT runs in
+matrix, and in the projections, which then sum the diagonals of a d x d Gram (both
+faster than FFTs there). The FFT runs in
 float32 for half-precision inputs (CPU FFTs do not support them) and in the input's
 precision otherwise; results are cast back to the input dtype.
 
@@ -105,6 +106,19 @@ def _conv_coeffs(a: Tensor, b: Tensor, correlate: bool = False) -> Tensor:
     return torch.fft.irfft(A * _spectrum(b, n, -1), n=n, dim=-1)[..., :d]
 
 
+def _skew_columns(M: Tensor) -> Tensor:
+    """The diagonal sums of M [..., d, d] as [..., 2d]: entry d-1+k sums diagonal k
+    (super-diagonals k > 0, sub-diagonals k < 0; the last entry is 0).
+
+    Skew trick: left-pad the rows with d-1 zeros ([d, 2d-1]), flatten, pad to d*2d and
+    reshape to [d, 2d]: entry (i, j) lands in column d-1 + (j - i)."""
+    d = M.shape[-1]
+    A = torch.nn.functional.pad(M, (d - 1, 0))
+    A = A.reshape(*A.shape[:-2], d * (2 * d - 1))
+    A = torch.nn.functional.pad(A, (0, d))
+    return A.reshape(*A.shape[:-1], d, 2 * d).sum(-2)
+
+
 def _row_chunks(Z: Tensor, n: int) -> list[Tensor]:
     """Z [..., rows, d] split along the rows into cache-sized FFT batches."""
     rows = _chunk_rows(n)
@@ -193,6 +207,17 @@ def _rows_autocorrelation(Z: Tensor, c: Tensor | None = None, correlate: bool = 
     Returns [..., d] in the work dtype."""
     d = Z.shape[-1]
     work = _work_dtype(Z.dtype if c is None else torch.promote_types(c.dtype, Z.dtype))
+    if d <= _DENSE_MAX:
+        # Y^T Y = A^T (Z^T Z) A (A = L or L^T), then its super-diagonal sums: measured
+        # 0.22 to 0.6 of the FFT path's time without c and 0.34 to 0.87 with it, at
+        # d = 10 .. 96 and 128 .. 65536 rows (the CNN's unfolded patches)
+        Z = Z.to(work)
+        gram = Z.mT @ Z
+        if c is not None:
+            L = _lower_dense(c.to(work))
+            A = L if correlate else L.mT
+            gram = A.mT @ gram @ A
+        return _skew_columns(gram)[..., d - 1 : 2 * d - 1]
     n = _fft_size(2 * d - 1)
     C = None
     if c is not None:
@@ -237,13 +262,7 @@ class _Toeplitz(StructuredMatrix):
         d = sym.shape[-1]
         dtype = sym.dtype
         M = sym.to(_work_dtype(dtype))
-        # Skew trick: left-pad rows with d-1 zeros ([d, 2d-1]), flatten, pad to d*2d and
-        # reshape to [d, 2d]: entry (i, j) lands in column d-1 + (j - i), so column sums
-        # are the diagonal sums (super-diagonals right of d-1, sub-diagonals left).
-        A = torch.nn.functional.pad(M, (d - 1, 0))
-        A = A.reshape(*A.shape[:-2], d * (2 * d - 1))
-        A = torch.nn.functional.pad(A, (0, d))
-        cols = A.reshape(*A.shape[:-1], d, 2 * d).sum(-2)
+        cols = _skew_columns(M)
         two_sided = cols[..., d - 1 : 2 * d - 1] + cols[..., :d].flip(-1)  # k=0 counted twice
         w = _diag_weights(d, M.dtype, M.device)
         return cls((0.5 * two_sided * w).to(dtype))
