@@ -610,8 +610,11 @@ def _differentiate(loss_of, params, perturbations=None):
         else:  # the loss does not depend on the parameters at all
             flat = tuple(torch.zeros_like(t) for t in leaves)
     grads = dict(zip(tracked, flat))
-    # aux (the loss, the recorded layer inputs) must not hold on to this graph
-    aux = torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, aux)
+    # aux (the loss, the recorded layer inputs) must not hold on to this graph; tensors
+    # outside it (the model's inputs) come back as they are, as from torch.func.grad
+    aux = torch.utils._pytree.tree_map(
+        lambda t: t.detach() if isinstance(t, Tensor) and t.requires_grad else t, aux
+    )
     if perturbations is None:
         return (grads,), aux
     return (grads, torch.utils._pytree.tree_unflatten(list(flat[len(tracked):]), spec)), aux
