@@ -389,8 +389,10 @@ def _cached_products(active: tuple[Layer, ...], factors: dict[str, Factors],
     """K K^T and C C^T of each layer, recomputed where missing or out of date.
 
     Layers in ``updating`` get new factors this step, and the core builds their new
-    products from those: their old products are dropped here, before the new ones exist
-    (two d x d matrices less at the step's peak with dense factors).
+    products from those: their old products are not passed to it and dropped here. An
+    unguarded step so holds two d x d matrices less at its peak (dense factors); a
+    guarded one has kept them aside in ``_plan`` (``old_products``) for a skipped step,
+    which costs that memory and saves building them again (``_apply``).
     """
     out = {}
     for layer in active:
