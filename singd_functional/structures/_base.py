@@ -41,6 +41,10 @@ class StructuredMatrix:
     #: True when K K^T stays in the structure (then :meth:`outer_self` exists and the
     #: optimizer may cache the products C C^T and K K^T between factor updates).
     closed_under_outer: ClassVar[bool] = False
+    #: True when the row forms (``X @ K``, :meth:`matmat_right` ...) return a
+    #: column-major result (a transposed view); the natural gradient then applies the K
+    #: side first, so that D comes out in row order (see ``precondition.natural_gradient``).
+    row_form_transposed: ClassVar[bool] = False
 
     def __init__(self, *leaves: Tensor):
         if len(leaves) != len(self._fields):

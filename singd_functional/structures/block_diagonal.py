@@ -9,7 +9,9 @@ and one plain matmul for the trailing block; nothing d x d is formed except in
 ``rmatmat`` and ``gram`` use each block's transpose. The row forms ``X K`` / ``X K^T``
 are the transposed column forms on X^T (a view): the batched matmul reads the
 transposed blocks of X in place and writes X K in column-major order, which measured
-faster than a row-major result (a permuted copy) or a Python loop over the blocks.
+faster than a row-major result (a permuted copy) or a Python loop over the blocks;
+``row_form_transposed`` tells ``precondition.natural_gradient`` to form ``G K K^T`` first
+so that its last product, the column form ``C C^T (.)``, writes D in row order.
 ``K K^T X`` forms the blocks of K K^T first when that is cheaper (B <= n).
 Outside vmap, grad and torch.compile, an unbatched product writes the full blocks and the
 trailing block straight into one output (``out=``) instead of joining two results (a copy
@@ -208,6 +210,7 @@ def _specialize(block_size: int) -> type[BlockDiagonal]:
             "block_size": block_size,
             "_fields": ("blocks", "last"),
             "closed_under_outer": True,
+            "row_form_transposed": True,
             "__module__": __name__,
             "__qualname__": qualname,
             "__doc__": f"Block-diagonal with {block_size} x {block_size} blocks "
