@@ -75,13 +75,15 @@ class BlockDiagonal(StructuredMatrix):
         B, nb = self.block_size, self._nb
         m = nb * B
         blocks, last = (self.blocks.mT, self.last.mT) if transpose else (self.blocks, self.last)
-        Xm = X[..., :m, :]
-        Xm = Xm.reshape(*Xm.shape[:-2], nb, B, Xm.shape[-1])
         if nb and last.shape[-1] and _plain(X, blocks, last):
-            out = X.new_empty(X.shape[-2], X.shape[-1], dtype=torch.result_type(X, blocks))
-            torch.bmm(blocks, Xm, out=out[:m].view(nb, B, X.shape[-1]))
+            # the hot path, with the fewest Python-level tensor ops (each costs microseconds)
+            d, n = X.shape
+            out = X.new_empty(d, n)  # _plain: one dtype
+            torch.bmm(blocks, X[:m].reshape(nb, B, n), out=out[:m].view(nb, B, n))
             torch.mm(last, X[m:], out=out[m:])
             return out
+        Xm = X[..., :m, :]
+        Xm = Xm.reshape(*Xm.shape[:-2], nb, B, Xm.shape[-1])
         top = blocks @ Xm
         top = top.reshape(*top.shape[:-3], m, top.shape[-1])
         if self.last.shape[-1] == 0:  # no trailing block: no concatenation (a copy)
