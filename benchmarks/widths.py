@@ -181,12 +181,12 @@ def width_ratios(
                 "structures": {},
             }
             sgd = records[0]
-            for s in structures:
-                def rec(kind: str, s: str = s):
-                    i = index.get((kind, s))
-                    return None if i is None or contenders[i].failed else records[i]
+            def rec(kind: str, s: str, index=index, contenders=contenders, records=records):
+                i = index.get((kind, s))
+                return None if i is None or contenders[i].failed else records[i]
 
-                ours, official, base = rec("ours"), rec("official"), rec("baseline")
+            for s in structures:
+                ours, official, base = rec("ours", s), rec("official", s), rec("baseline", s)
                 cell = {
                     "ours_x_sgd": ours and _ratio(ours, sgd),
                     "official_x_sgd": official and _ratio(official, sgd),
