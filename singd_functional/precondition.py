@@ -57,12 +57,13 @@ def natural_gradient(
 
 
 def outer_products(K: StructuredMatrix, C: StructuredMatrix) -> dict[str, StructuredMatrix]:
-    """The products K K^T and C C^T that stay in their structure (the others are left out)."""
+    """K K^T and C C^T in the forms worth keeping between factor updates
+    (``StructuredMatrix.outer_cache``; structures without one are left out)."""
     out = {}
-    if K.closed_under_outer:
-        out["K"] = K.outer_self()
-    if C.closed_under_outer:
-        out["C"] = C.outer_self()
+    for key, M in (("K", K), ("C", C)):
+        cache = M.outer_cache()
+        if cache is not None:
+            out[key] = cache
     return out
 
 

@@ -163,6 +163,16 @@ class StructuredMatrix:
         """self @ self^T, exactly, for structures with ``closed_under_outer``."""
         raise TypeError(f"{self.name}: K K^T is not in the structure")
 
+    def outer_cache(self) -> StructuredMatrix | None:
+        """self @ self^T in a form worth keeping between factor updates, or None.
+
+        The optimizer keeps it (``precondition.outer_products``) and calls only its
+        ``matmat`` / ``matmat_right``. By default :meth:`outer_self` where the structure
+        is ``closed_under_outer``; a structure whose K K^T leaves it may return a
+        product type of its own (hierarchical).
+        """
+        return self.outer_self() if self.closed_under_outer else None
+
     def add_diag(self, value: Scalar) -> StructuredMatrix:
         """self + value * I."""
         raise NotImplementedError
