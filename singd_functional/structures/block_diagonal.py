@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._base import Scalar, StructuredMatrix, _add_diag, _eager, _eye_like, _resolve
+from ._base import (
+    Scalar,
+    StructuredMatrix,
+    _add_diag,
+    _broadcast_shapes,
+    _eager,
+    _eye_like,
+    _resolve,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -91,7 +99,7 @@ class BlockDiagonal(StructuredMatrix):
         bottom = last @ X[..., m:, :]
         if nb == 0:
             return bottom
-        batch = torch.broadcast_shapes(top.shape[:-2], bottom.shape[:-2])
+        batch = _broadcast_shapes(top.shape[:-2], bottom.shape[:-2])
         top = top.expand(*batch, *top.shape[-2:])
         bottom = bottom.expand(*batch, *bottom.shape[-2:])
         return torch.cat([top, bottom], dim=-2)
@@ -138,7 +146,7 @@ class BlockDiagonal(StructuredMatrix):
         blocks, last = self.blocks, self.last
         B, nb, r = self.block_size, self._nb, last.shape[-1]
         m = nb * B
-        batch = torch.broadcast_shapes(blocks.shape[:-3], last.shape[:-2])
+        batch = _broadcast_shapes(blocks.shape[:-3], last.shape[:-2])
         blocks = blocks.expand(*batch, nb, B, B)
         last = last.expand(*batch, r, r)
         # [..., i, a, j, b] = delta_ij * blocks[..., i, a, b]

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._base import Scalar, StructuredMatrix, _add_diag, _eager, _resolve
+from ._base import Scalar, StructuredMatrix, _add_diag, _broadcast_shapes, _eager, _resolve
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 def _cat_broadcast(parts: list[Tensor], dim: int) -> Tensor:
     """torch.cat after broadcasting the leading (batch) dims of ``parts``."""
-    batch = torch.broadcast_shapes(*(p.shape[:-2] for p in parts))
+    batch = _broadcast_shapes(*(p.shape[:-2] for p in parts))
     if all(p.shape[:-2] == batch for p in parts):  # the usual case: no expand calls
         return torch.cat(parts, dim=dim)
     return torch.cat([p.expand(*batch, *p.shape[-2:]) for p in parts], dim=dim)
