@@ -294,7 +294,7 @@ class HierarchicalOuter(StructuredMatrix):
 
     def to_dense(self) -> Tensor:
         M, Wc, c2 = self.leaves
-        k1, n = self._k1, c2.shape[-1]
+        k1 = self._k1
         mid = _cat_broadcast([Wc[..., :k1, :].mT, torch.diag_embed(c2), Wc[..., k1:, :].mT],
                              dim=-1)
         return _cat_broadcast([M[..., :k1].mT, mid, M[..., k1:].mT], dim=-2)
