@@ -17,6 +17,7 @@ sweeps) read by name, and one Python pass per step.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -152,6 +153,51 @@ def _check_layers(layers: tuple[LayerInfo, ...]) -> None:
             owner[key] = info.name
 
 
+# ``wrap(key, fn) -> fn'``: what ``singd(kernels=...)`` takes; ``key`` names all that
+# ``fn`` depends on (the drop-in's ``compile=True`` returns one compiled ``fn`` per key).
+KernelWrapper = Callable[[tuple, Callable], Callable]
+
+
+class _LayerKernels(NamedTuple):
+    """One layer's two pure functions of a step (the unit ``kernels`` may replace).
+
+    ``factor_update(factors, momenta, stats, damping, alpha1, lr_cov) -> (factors,
+    momenta, products)`` and ``direction(K, C, products, grad_W, grad_b) -> (dW, db)``
+    (C C^T G K K^T split back into the weight's and bias's shapes; db None without bias).
+    """
+
+    factor_update: Callable[..., tuple[Factors, Factors | None, dict[str, StructuredMatrix]]]
+    direction: Callable[..., tuple[Tensor, Tensor | None]]
+
+
+def _layer_kernels(
+    info: LayerInfo, types, keeps_momenta, kfac_like, normalize_lr_cov, cache, wrap
+) -> _LayerKernels:
+    # the functions see only the layer's static description without its names, so
+    # that layers of one signature share one key (and one compiled graph)
+    layer = dataclasses.replace(info, name="", weight="weight", module="",
+                                bias=None if info.bias is None else "bias")
+    key = (layer, *types, keeps_momenta, kfac_like, normalize_lr_cov, cache)
+
+    def factor_update(factors, momenta, stats, damping, alpha1, lr_cov):
+        new, m = update_factors(
+            factors, momenta, stats, damping=damping, alpha1=alpha1, lr_cov=lr_cov,
+            kfac_like=kfac_like, normalize_lr_cov=normalize_lr_cov,
+        )  # fmt: skip
+        return new, m, (outer_products(*new) if cache else {})
+
+    def direction(K, C, products, grad_W, grad_b):
+        grads = {"weight": grad_W} if grad_b is None else {"weight": grad_W, "bias": grad_b}
+        D = natural_gradient(K, C, layer_gradient_matrix(layer, grads), products)
+        out = split_layer_update(layer, D, grads)
+        return out["weight"], out.get("bias")
+
+    if wrap is None:
+        return _LayerKernels(factor_update, direction)
+    return _LayerKernels(wrap(("factor update", *key), factor_update),
+                         wrap(("direction", *key), direction))
+
+
 class _Kronecker(NamedTuple):
     """The preconditioning stage as plain functions (shared by the two transforms)."""
 
@@ -172,6 +218,7 @@ def _kronecker(
     preconditioner_dtype,
     cache_preconditioner,
     process_group: ProcessGroupArg = None,
+    kernels: KernelWrapper | None = None,
 ) -> _Kronecker:
     layers = tuple(layers)
     if kfac_approx not in KFAC_APPROXES:
@@ -180,6 +227,13 @@ def _kronecker(
     _check_layers(layers)
     struct_types = resolve_structures(layers, structures)
     keeps_momenta = not kfac_like and not (isinstance(alpha1, numbers.Real) and alpha1 == 0)
+    per_layer = {
+        info.name: _layer_kernels(
+            info, struct_types[info.name], keeps_momenta, kfac_like, normalize_lr_cov,
+            cache_preconditioner, kernels,
+        )
+        for info in layers
+    }  # fmt: skip
     dtype_K, dtype_C = preconditioner_dtype
 
     def init(params: Mapping[str, Tensor]) -> KroneckerState:
@@ -256,26 +310,23 @@ def _kronecker(
             for name, stats in statistics.items():
                 if name not in factors:
                     raise KeyError(f"statistics for unknown layer {name!r}")
-                factors[name], m = update_factors(
-                    factors[name],
-                    momenta.get(name),
-                    stats,
-                    damping=damping,
-                    alpha1=alpha1,
-                    lr_cov=beta,
-                    kfac_like=kfac_like,
-                    normalize_lr_cov=normalize_lr_cov,
+                factors[name], m, new_products = per_layer[name].factor_update(
+                    factors[name], momenta.get(name), stats, damping, alpha1, beta
                 )
                 if m is not None:
                     momenta[name] = m
                 if cache_preconditioner:
-                    products[name] = outer_products(*factors[name])
+                    products[name] = new_products
 
         directions = {k: grads[k] for k in keys}
         for info in layers:
-            G = layer_gradient_matrix(info, grads)
-            D = natural_gradient(*factors[info.name], G, products.get(info.name))
-            directions.update(split_layer_update(info, D, grads))
+            dW, db = per_layer[info.name].direction(
+                *factors[info.name], products.get(info.name),
+                grads[info.weight], None if info.bias is None else grads[info.bias],
+            )  # fmt: skip
+            directions[info.weight] = dW
+            if info.bias is not None:
+                directions[info.bias] = db
         if not (isinstance(grad_scale, (int, float)) and grad_scale == 1):
             directions = {k: d / grad_scale for k, d in directions.items()}
         return directions, KroneckerState(state.count + 1, factors, momenta, products)
@@ -361,6 +412,7 @@ def singd(
     fallback: GradientTransformation | None = None,
     cache_preconditioner: bool = False,
     process_group: ProcessGroupArg = None,
+    kernels: KernelWrapper | None = None,
 ) -> GradientTransformation:
     """SINGD (Lin et al., ICML 2024) as a pure transform over parameter dicts.
 
@@ -411,6 +463,12 @@ def singd(
             averages them) W processes step like one on the concatenated batch
             (docs/distributed.md). A layer some process did not capture gets the
             others' statistics. Not for vmap / compile (a collective, one host sync).
+        kernels: None, or ``wrap(key, fn) -> fn'``, called once per layer for each of
+            its two per-step functions (the factor update with its cached products,
+            and the preconditioned direction); ``key`` is a hashable tuple naming
+            everything ``fn`` depends on (equal for layers of one shape, kind and
+            structure), ``fn'`` must compute what ``fn`` does. The drop-in's
+            ``SINGD(compile=True)`` passes one that compiles each key once.
 
     Returns:
         ``GradientTransformation`` with
@@ -432,6 +490,7 @@ def singd(
     kron = _kronecker(
         layers, alpha1, structures, kfac_approx, loss_average, kfac_like,
         normalize_lr_cov, preconditioner_dtype, cache_preconditioner, process_group,
+        kernels,
     )  # fmt: skip
     layer_params = kron.layer_params
     extras = _KRON_EXTRAS | (fallback.extras if fallback is not None else frozenset())
