@@ -158,26 +158,14 @@ def _check_layers(layers: tuple[LayerInfo, ...]) -> None:
 KernelWrapper = Callable[[tuple, Callable], Callable]
 
 
-class _LayerKernels(NamedTuple):
-    """One layer's two pure functions of a step (the unit ``kernels`` may replace).
-
-    ``factor_update(factors, momenta, stats, damping, alpha1, lr_cov) -> (factors,
-    momenta, products)`` and ``direction(K, C, products, grad_W, grad_b) -> (dW, db)``
-    (C C^T G K K^T split back into the weight's and bias's shapes; db None without bias).
-    """
-
-    factor_update: Callable[..., tuple[Factors, Factors | None, dict[str, StructuredMatrix]]]
-    direction: Callable[..., tuple[Tensor, Tensor | None]]
-
-
-def _layer_kernels(
-    info: LayerInfo, types, keeps_momenta, kfac_like, normalize_lr_cov, cache, wrap
-) -> _LayerKernels:
-    # the functions see only the layer's static description without its names, so
-    # that layers of one signature share one key (and one compiled graph)
-    layer = dataclasses.replace(info, name="", weight="weight", module="",
-                                bias=None if info.bias is None else "bias")
-    key = (layer, *types, keeps_momenta, kfac_like, normalize_lr_cov, cache)
+def _factor_update_kernel(factors: Factors, keeps_momenta, kfac_like, normalize_lr_cov, cache,
+                          wrap) -> Callable:
+    """``fn(factors, momenta, stats, damping, alpha1, lr_cov) -> (factors, momenta,
+    products)`` for factors like ``factors`` (the unit ``kernels`` may replace)."""
+    K, C = factors
+    # only the structures and sides: layers of one signature share one key (one graph)
+    key = ("factor update", type(K), K.dim, type(C), C.dim, keeps_momenta, kfac_like,
+           normalize_lr_cov, cache)
 
     def factor_update(factors, momenta, stats, damping, alpha1, lr_cov):
         new, m = update_factors(
@@ -186,16 +174,24 @@ def _layer_kernels(
         )  # fmt: skip
         return new, m, (outer_products(*new) if cache else {})
 
+    return factor_update if wrap is None else wrap(key, factor_update)
+
+
+def _direction_kernel(info: LayerInfo, types, cache, wrap) -> Callable:
+    """``fn(K, C, products, grad_W, grad_b) -> (dW, db)``: C C^T G K K^T split back into
+    the weight's and bias's shapes (db None without bias)."""
+    # the layer's static description without its names: layers of one signature share
+    # one key (and one compiled graph)
+    layer = dataclasses.replace(info, name="", weight="weight", module="",
+                                bias=None if info.bias is None else "bias")
+
     def direction(K, C, products, grad_W, grad_b):
         grads = {"weight": grad_W} if grad_b is None else {"weight": grad_W, "bias": grad_b}
         D = natural_gradient(K, C, layer_gradient_matrix(layer, grads), products)
         out = split_layer_update(layer, D, grads)
         return out["weight"], out.get("bias")
 
-    if wrap is None:
-        return _LayerKernels(factor_update, direction)
-    return _LayerKernels(wrap(("factor update", *key), factor_update),
-                         wrap(("direction", *key), direction))
+    return direction if wrap is None else wrap(("direction", layer, *types, cache), direction)
 
 
 class _Kronecker(NamedTuple):
@@ -227,14 +223,15 @@ def _kronecker(
     _check_layers(layers)
     struct_types = resolve_structures(layers, structures)
     keeps_momenta = not kfac_like and not (isinstance(alpha1, numbers.Real) and alpha1 == 0)
-    per_layer = {
-        info.name: _layer_kernels(
-            info, struct_types[info.name], keeps_momenta, kfac_like, normalize_lr_cov,
-            cache_preconditioner, kernels,
-        )
-        for info in layers
-    }  # fmt: skip
     dtype_K, dtype_C = preconditioner_dtype
+
+    def factor_kernel(factors: Factors, momenta) -> Callable:
+        return _factor_update_kernel(factors, momenta is not None, kfac_like, normalize_lr_cov,
+                                     cache_preconditioner, kernels)
+
+    directions_of = {info.name: _direction_kernel(info, struct_types[info.name],
+                                                  cache_preconditioner, kernels)
+                     for info in layers}
 
     def init(params: Mapping[str, Tensor]) -> KroneckerState:
         factors, momenta = {}, {}
@@ -310,7 +307,9 @@ def _kronecker(
             for name, stats in statistics.items():
                 if name not in factors:
                     raise KeyError(f"statistics for unknown layer {name!r}")
-                factors[name], m, new_products = per_layer[name].factor_update(
+                # (a layer outside `layers` may come with statistics: split_work)
+                update = factor_kernel(factors[name], momenta.get(name))
+                factors[name], m, new_products = update(
                     factors[name], momenta.get(name), stats, damping, alpha1, beta
                 )
                 if m is not None:
@@ -320,7 +319,7 @@ def _kronecker(
 
         directions = {k: grads[k] for k in keys}
         for info in layers:
-            dW, db = per_layer[info.name].direction(
+            dW, db = directions_of[info.name](
                 *factors[info.name], products.get(info.name),
                 grads[info.weight], None if info.bias is None else grads[info.bias],
             )  # fmt: skip
