@@ -1,7 +1,8 @@
 """Peak resident-memory growth per step, measured in a child process.
 
 ``python -m benchmarks.memory '<json list of [kind, model, structure, method]>'`` prints
-one JSON list. The parent (``benchmarks.run``) starts it with glibc's mmap threshold
+one JSON list (a config ``[kind, model, structure, method, T, steps]``: see
+:func:`measure_steps`). The parent (``benchmarks.run``) starts it with glibc's mmap threshold
 fixed low (``MALLOC_MMAP_THRESHOLD_``), so that every tensor larger than 64 KiB is its
 own mapping and is returned to the OS when freed: the resident set size then follows
 the live tensors, and its peak during a step is the step's working memory. The child
@@ -69,6 +70,8 @@ class PeakSampler:
 
 
 def measure(configs: list[list]) -> list[dict]:
+    if configs and len(configs[0]) > 4:
+        return measure_steps(configs)
     import gc
 
     import torch
@@ -103,10 +106,55 @@ def measure(configs: list[list]) -> list[dict]:
     return out
 
 
+def measure_steps(configs: list[list]) -> list[dict]:
+    """Per config ``[kind, model, structure, method, T, steps]``: two warm-up steps, then
+    ``steps`` steps, each sampled on its own; the row holds the largest peak of the
+    statistics steps (``step % T == 0``) and of the plain ones (issue 14's table: two
+    Linear(2048, 2048), batch 128, T = 1 and 10)."""
+    import gc
+
+    import torch
+
+    from . import models
+    from .contenders import Config, make
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    sys.setswitchinterval(1e-4)
+    out = []
+    for kind, model, structure, method, T, steps in configs:
+        row: dict = {"kind": kind, "model": model, "structure": structure, "method": method,
+                     "T": T, "steps": steps}
+        c = None
+        try:
+            batches = models.batches(model, 2)
+            c = make(Config(kind, model, T, structure, method))
+            c.prepare(*batches[0])
+            peaks: dict[str, list[int]] = {"statistics": [], "plain": []}
+            for i in range(2 + steps):
+                label = "statistics" if c.next_is_update() else "plain"
+                c.model.zero_grad(set_to_none=True)  # the baseline holds no gradients
+                gc.collect()
+                with PeakSampler() as s:
+                    c.step(*batches[i % 2])
+                if i >= 2:
+                    peaks[label].append(s.peak - s.before)
+            for label, values in peaks.items():
+                row[f"{label}_peak_bytes"] = max(values) if values else None
+            row["rss_after_bytes"] = s.read()
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        out.append(row)
+        c = None
+        gc.collect()
+    return out
+
+
 def run_child(configs: list[list], timeout_s: float) -> tuple[list[dict], str | None]:
     """Run :func:`measure` in a child process; returns (rows, error or None)."""
+    # one arena: the sampler thread's allocations land where the step's are
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
-               MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+               MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1", OMP_NUM_THREADS="1")
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.memory", json.dumps(configs)],

@@ -24,6 +24,17 @@ class MLP(nn.Sequential):
         )
 
 
+class Wide(nn.Sequential):
+    """Two Linear(2048, 2048) with a ReLU between (the memory table of issue 14: dense
+    factors of 16 MiB each, so a step's temporaries show in the resident set)."""
+
+    width = 2048
+
+    def __init__(self):
+        super().__init__(nn.Linear(self.width, self.width), nn.ReLU(),
+                         nn.Linear(self.width, self.width))
+
+
 class SmallCNN(nn.Module):
     """3x32x32 -> two 3x3 convs (16, 32 channels) with pooling -> 512 -> 128 -> 10."""
 
@@ -100,6 +111,7 @@ SPECS = {
         "transformer", "Transformer block, seq 64, width 128, 4 heads, batch 16", 16,
         "batch+sequence",
     ),
+    "wide": ModelSpec("wide", "two Linear(2048, 2048), batch 128", 128, "batch"),
     # the character GPT of benchmarks/transformer_bench.py (issue: transformers)
     "chargpt": ModelSpec(
         "chargpt", "character GPT (nanoGPT-style), 2 blocks, width 64, context 64, batch 32, "
@@ -122,7 +134,7 @@ def build(name: str, seed: int = 0) -> nn.Module:
 
         return chargpt.make_model("nanogpt", len(_corpus().vocab), seed=seed)
     torch.manual_seed(seed)
-    return {"mlp": MLP, "cnn": SmallCNN, "transformer": TransformerBlock}[name]()
+    return {"mlp": MLP, "cnn": SmallCNN, "transformer": TransformerBlock, "wide": Wide}[name]()
 
 
 def batches(name: str, count: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -137,6 +149,9 @@ def batches(name: str, count: int, seed: int = 1) -> list[tuple[torch.Tensor, to
     for _ in range(count):
         if name == "mlp":
             out.append((torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)))
+        elif name == "wide":
+            x = torch.randn(n, Wide.width, generator=g)
+            out.append((x, torch.randint(0, Wide.width, (n,), generator=g)))
         elif name == "cnn":
             out.append(
                 (torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))

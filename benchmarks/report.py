@@ -79,6 +79,15 @@ def targets(data) -> list[dict]:
                         "unit": "x official (worst)", "spread": None,
                         "status": "pass" if worst[0] <= 1.0 else "MISS",
                         "detail": "worst: " + worst[1] + " (ours less its 8-byte step counter)"})
+    for structure, rows in _wide_pairs(data).items():
+        worst = max(rows, key=lambda r: r["ratio"])
+        out.append({"target": "peak memory of a step above the state <= official",
+                    "impl": "adapter", "method": "singd", "measured": worst["ratio"],
+                    "threshold": 1.0, "unit": f"x official ({structure}, worst)",
+                    "spread": None, "status": "pass" if worst["ratio"] <= 1.0 else "MISS",
+                    "detail": f"two Linear(2048, 2048), T={worst['T']} {worst['step']} step: "
+                              f"{worst['ours'] / 2**20:.1f} vs {worst['official'] / 2**20:.1f} "
+                              "MiB"})
     for c in data.get("conv_statistics", []):
         out.append({"target": "CNN conv statistics do not dominate the update step",
                     "impl": "core", "method": "singd", "measured": c["conv_stats_of_update"],
@@ -88,6 +97,23 @@ def targets(data) -> list[dict]:
                     "detail": f"{c['conv_stats_ms']:.2f} of {c['update_ms']:.2f} ms; "
                               f"{100 * c['conv_stats_of_amortized']:.1f}% of the amortized "
                               f"T=10 step"})
+    return out
+
+
+def _wide_pairs(data) -> dict[str, list[dict]]:
+    """Per structure, ours vs official per (T, statistics | plain step) of ``memory_wide``."""
+    by = {(r["kind"], r["structure"], r["T"]): r for r in data.get("memory_wide", [])
+          if "error" not in r}
+    out: dict[str, list[dict]] = {}
+    for (kind, structure, T), r in by.items():
+        off = by.get(("official", structure, T))
+        if kind != "adapter" or off is None:
+            continue
+        for step in ("statistics", "plain"):
+            ours, ref = r.get(f"{step}_peak_bytes"), off.get(f"{step}_peak_bytes")
+            if ours is not None and ref:
+                out.setdefault(structure, []).append(
+                    {"T": T, "step": step, "ours": ours, "official": ref, "ratio": ours / ref})
     return out
 
 
@@ -214,6 +240,25 @@ def markdown(data) -> str:
             else:
                 L.append(f"| {label} | {r['plain_peak_bytes'] / 2**20:.2f} | "
                          f"{r['update_peak_bytes'] / 2**20:.2f} |")
+    L += ["", "## Peak resident memory of a step above the state: two Linear(2048, 2048), "
+          "batch 128", ""]
+    if data.get("memory_wide_error"):
+        L.append(f"Not measured: {data['memory_wide_error']}")
+    if data.get("memory_wide"):
+        L += ["Issue 14's table: the largest peak RSS of a statistics step and of a plain step "
+              "(steps 2..11 for T=10, 2..3 for T=1), minus the RSS before it (gradients "
+              "freed first), measured as above (`benchmarks/memory.py`, one child process, "
+              "`MALLOC_ARENA_MAX=1`).", "",
+              "| structure | T | step | official MiB | ours (drop-in) MiB | ours / official |",
+              "|---|---|---|---|---|---|"]
+        for structure, rows in _wide_pairs(data).items():
+            for r in sorted(rows, key=lambda r: (-r["T"], r["step"])):
+                L.append(f"| {structure} | {r['T']} | {r['step']} | "
+                         f"{r['official'] / 2**20:.1f} | {r['ours'] / 2**20:.1f} | "
+                         f"{r['ratio']:.2f} |")
+        for r in data["memory_wide"]:
+            if "error" in r:
+                L.append(f"\n{r['kind']}:{r['structure']} T={r['T']}: error: {r['error']}")
     if data.get("conv_statistics"):
         L += ["", "## CNN: convolution statistics (unfolded patches), core SINGD, T=10", "",
               "Medians over interleaved repetitions. *conv stats*: `layer_statistics` of both "

@@ -221,6 +221,23 @@ def memory_configs(structures) -> list[list]:
     return cfgs
 
 
+# issue 14's memory table: two Linear(2048, 2048), batch 128 (the official Toeplitz takes
+# seconds per step at this width: not measured); T=10 has one statistics step in 10
+WIDE_STRUCTURES = ["dense", "diagonal", "block30diagonal", "hierarchical15_15"]
+
+
+def wide_memory_configs(structures) -> list[list]:
+    """``[kind, "wide", structure, "singd", T, steps]`` for the official package and ours:
+    T=10 over steps 2..11 (the statistics step 10 and nine plain ones), and T=1 for
+    dense (two statistics steps without cached products)."""
+    cfgs = []
+    for s in (s for s in WIDE_STRUCTURES if s in structures):
+        for T, steps in ((10, 10), (1, 2)) if s == "dense" else ((10, 10),):
+            cfgs += [[impl, "wide", s, "singd", T, steps] for impl in ("official", "adapter")
+                     if unavailable(impl) is None]
+    return cfgs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     p.add_argument("--quick", action="store_true", help="MLP only, ~2 minutes")
@@ -290,14 +307,19 @@ def main(argv=None) -> int:
 
     no_memory = args.no_memory or (args.quick and not args.memory)
     mem_rows, mem_error = [], None
+    wide_rows, wide_error = [], None
     if no_memory:
         mem_error = "skipped (--quick without --memory)" if args.quick else "skipped (--no-memory)"
+        wide_error = mem_error
     else:
         bar.set_postfix_str("peak RSS (child process)")
         t0 = time.perf_counter()
         mem_structures = [s for s in all_structures if s != "triutoeplitz"]
-        mem_rows, mem_error = __import__("benchmarks.memory", fromlist=["run_child"]).run_child(
-            memory_configs(mem_structures), timeout_s=240)
+        memory = __import__("benchmarks.memory", fromlist=["run_child"])
+        mem_rows, mem_error = memory.run_child(memory_configs(mem_structures), timeout_s=240)
+        bar.set_postfix_str("peak RSS, two Linear(2048, 2048) (child process)")
+        wide_rows, wide_error = memory.run_child(wide_memory_configs(all_structures),
+                                                 timeout_s=1200)
         _advance(bar, time.perf_counter() - t0)
 
     profiles = {}
@@ -314,7 +336,8 @@ def main(argv=None) -> int:
     meta["load_end"] = timing.load_average()
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
     data = {"meta": meta, "groups": results, "skipped": skipped, "memory_peak": mem_rows,
-            "memory_peak_error": mem_error, "conv_statistics": conv, "profiles": profiles}
+            "memory_peak_error": mem_error, "memory_wide": wide_rows,
+            "memory_wide_error": wide_error, "conv_statistics": conv, "profiles": profiles}
     data["targets"] = report.targets(data)
     stem = args.tag or ("bench_quick" if args.quick else "bench")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,8 @@ class Group:
     locked: tuple
     keeps_momenta: bool
     transforms: dict = dataclasses.field(default_factory=dict)
+    # the optimizer's compiled per-layer functions (_compile.Kernels), None: eager
+    kernels: Any = None
 
     def weight(self, layer: Layer) -> Tensor:
         return self.params[layer.info.weight]
@@ -145,7 +147,8 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
             layer.handle = layer.module.register_forward_hook(hook, with_kwargs=True,
                                                               prepend=True)
         hook.add(layer)
-    return Group(index, layers, params, locked(group), bool(state.momenta))
+    return Group(index, layers, params, locked(group), bool(state.momenta),
+                 kernels=optimizer._kernels)
 
 
 def _static_options(group: dict[str, Any]) -> dict[str, Any]:
@@ -159,18 +162,19 @@ def _static_options(group: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def transform(group: dict[str, Any], layers: tuple[LayerInfo, ...], alpha1
+def transform(group: dict[str, Any], layers: tuple[LayerInfo, ...], alpha1, kernels=None
               ) -> GradientTransformation:
     """The pure core for ``layers`` with the group's static entries.
 
     The numbers are passed again at every step (HyperParams); ``alpha1`` here only
-    decides whether the transform keeps Riemannian momenta (alpha1 != 0).
+    decides whether the transform keeps Riemannian momenta (alpha1 != 0). ``kernels``:
+    see :func:`~singd_functional.singd` (the optimizer's compiled functions, or None).
     """
     return singd(
         layers,
         lr=group["lr"], momentum=group["momentum"], damping=group["damping"],
         alpha1=alpha1, weight_decay=group["weight_decay"], lr_cov=group["lr_cov"],
-        **_static_options(group),
+        **_static_options(group), kernels=kernels,
     )
 
 
@@ -180,7 +184,8 @@ def group_transform(grp: Group, group: dict, active: tuple[Layer, ...]) -> Gradi
     tx = grp.transforms.get(key)
     if tx is None:
         alpha1 = 0.5 if grp.keeps_momenta else 0.0
-        tx = grp.transforms[key] = transform(group, tuple(l.info for l in active), alpha1)
+        tx = grp.transforms[key] = transform(group, tuple(l.info for l in active), alpha1,
+                                             grp.kernels)
     return tx
 
 
@@ -194,7 +199,7 @@ def group_directions(grp: Group, group: dict, active: tuple[Layer, ...]) -> _Kro
     if kron is None:
         alpha1 = 0.0 if group["kfac_like"] or not grp.keeps_momenta else 0.5
         kron = grp.transforms[key] = _kronecker(tuple(l.info for l in active), alpha1,
-                                                **_static_options(group))
+                                                **_static_options(group), kernels=grp.kernels)
     return kron
 
 
