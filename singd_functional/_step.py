@@ -85,9 +85,12 @@ def step(optimizer) -> None:
             if optimizer._guard and live and not sharded else None
         # groups with statistics first: their new factors enter the verdict, which the
         # plain groups then take as numbers (gated); so one verdict holds for all groups
+        # plain groups step in place (_lean_update), guarded or not, so that the guard
+        # changes no bit of a kept step; fully_shard / split_work keep the core's path
+        lean = optimizer._lean and not sharded and not optimizer.split_work
         results: dict[int, tuple] = {}
         for n, (plan, group) in enumerate(live):
-            if plan.statistics or ok is None:
+            if plan.statistics or (ok is None and not lean):
                 results[n] = _update(optimizer, plan, group, grad_scale, None)
         if ok is not None and results:
             changed = [leaf for n, (_, new) in results.items()
@@ -97,7 +100,7 @@ def step(optimizer) -> None:
         for n, (plan, group) in enumerate(live):
             if n in results:
                 continue
-            if optimizer._lean and not sharded and not optimizer.split_work:
+            if lean:
                 _lean_update(optimizer, plan, group, grad_scale, ok)  # applied in place
             else:
                 results[n] = _update(optimizer, plan, group, grad_scale, ok)

@@ -89,11 +89,17 @@ def _heavy_ball_(velocity: list[Tensor], updates: list[Tensor], momentum,
 
 
 def _descend_(params: list[Tensor], velocity: list[Tensor], lr) -> None:
-    """:func:`_scaled` and the update in place on ``params``: w <- w - lr v."""
+    """:func:`_scaled` and the update in place on ``params``: w <- w - lr v.
+
+    One rounding rule for a float and a 0-d tensor ``lr`` (``addcmul`` with -lr as a 0-d
+    float64 tensor, made on the device without a host copy): the guard's gated lr
+    (lr times ok) then gives a kept step the same bits as an unguarded one.
+    """
+    if not velocity:
+        return
     if _is_float(lr):
-        torch._foreach_add_(params, velocity, alpha=-lr)
-    else:
-        torch._foreach_addcmul_(params, velocity, [-lr] * len(velocity))
+        lr = torch.full((), lr, dtype=torch.float64, device=velocity[0].device)
+    torch._foreach_addcmul_(params, velocity, [-lr] * len(velocity))
 
 
 def _check_velocity(updates, velocity: dict, params=None, exact: bool = False) -> None:
