@@ -56,12 +56,15 @@ def _measure_one(structure: str, reps: int) -> dict:
             work[key]()
             times[key].append((time.perf_counter_ns() - t0) * 1e-6)
     med = {k: quantiles(v)[1] for k, v in times.items()}
+    # the spread: quartiles of the per-repetition shares (both timed in the same repetition)
+    share_q = quantiles([a / b for a, b in zip(times["conv_stats"], times["update"])])
     amortized = (med["update"] + 9 * med["plain"]) / 10
     return {
         "structure": structure,
         **{f"{k}_ms": v for k, v in med.items()},
         "amortized_ms": amortized,
         "conv_stats_of_update": med["conv_stats"] / med["update"],
+        "conv_stats_of_update_spread": [share_q[0], share_q[2]],
         "conv_rows_of_update": med["conv_rows"] / med["update"],
         "conv_stats_of_amortized": med["conv_stats"] / (10 * amortized),
         "conv_layers": [(i.name, i.d_K, i.d_C) for i in convs],

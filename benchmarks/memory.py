@@ -1,12 +1,16 @@
 """Peak resident-memory growth per step, measured in a child process.
 
-``python -m benchmarks.memory '<json list of [kind, model, structure, method]>'`` prints
-one JSON list. The parent (``benchmarks.run``) starts it with glibc's mmap threshold
-fixed low (``MALLOC_MMAP_THRESHOLD_``), so that every tensor larger than 64 KiB is its
-own mapping and is returned to the OS when freed: the resident set size then follows
-the live tensors, and its peak during a step is the step's working memory. The child
-runs each contender with T = 2 (step 0: statistics update, untimed warm-up; step 1:
-plain step; step 2: update step) while a thread samples the RSS every ~0.2 ms.
+``python -m benchmarks.memory '<json list of [kind, model, structure, method(, T)]>'``
+prints one JSON list. The parent (``benchmarks.run``) starts it with glibc's mmap
+threshold fixed low (``MALLOC_MMAP_THRESHOLD_``) and one malloc arena
+(``MALLOC_ARENA_MAX=1``), so that every tensor larger than 64 KiB is its own mapping and
+is returned to the OS when freed: the resident set size then follows the live tensors,
+and its peak during a step is the step's working memory above the optimizer state
+(repeatable to ~0.1 MiB). The child runs each contender with T (default 2: the T > 1
+path, which keeps K K^T and C C^T between updates, whatever T is): two untimed warm-up
+steps, then :data:`CYCLES` T-cycles in which a thread samples the RSS every ~0.2 ms
+during each step; per kind of step (statistics update, plain) the largest peak is
+reported, and every sample beside it.
 
 Doing this in the timing process would slow every allocation there (one mmap each),
 hence the separate process.
@@ -22,6 +26,7 @@ import threading
 import time
 
 MMAP_THRESHOLD = 65536
+CYCLES = 2  # measured T-cycles per contender (after two warm-up steps)
 
 
 def _rss_reader():
@@ -80,20 +85,29 @@ def measure(configs: list[list]) -> list[dict]:
     torch.set_flush_denormal(True)
     sys.setswitchinterval(1e-4)  # let the sampler thread in during Python-heavy code
     out = []
-    for kind, model, structure, method in configs:
-        row = {"kind": kind, "model": model, "structure": structure, "method": method}
+    for cfg in configs:
+        kind, model, structure, method = cfg[:4]
+        T = cfg[4] if len(cfg) > 4 else 2
+        row = {"kind": kind, "model": model, "structure": structure, "method": method, "T": T}
         c = None
         try:
             batch = models.batches(model, 1)[0]
-            c = make(Config(kind, model, 2, structure, method))
+            c = make(Config(kind, model, T, structure, method))
             c.prepare(*batch)
-            c.step(*batch)  # step 0 (update): builds lazily created state
-            for label in ("plain", "update"):
+            for _ in range(2):  # warm-up: builds lazily created state
+                c.step(*batch)
+            peaks: dict[str, list[int]] = {"plain": [], "update": []}
+            for _ in range(CYCLES * T):
+                label = "update" if structure is not None and c.next_is_update() else "plain"
                 c.model.zero_grad(set_to_none=True)  # the baseline holds no gradients
                 gc.collect()
                 with PeakSampler() as s:
                     c.step(*batch)
-                row[f"{label}_peak_bytes"] = s.peak - s.before
+                peaks[label].append(s.peak - s.before)
+            for label, v in peaks.items():
+                if v:
+                    row[f"{label}_peak_bytes"] = max(v)
+                    row[f"{label}_peak_samples"] = v
             row["rss_after_bytes"] = s.read()
         except Exception as err:
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -106,7 +120,7 @@ def measure(configs: list[list]) -> list[dict]:
 def run_child(configs: list[list], timeout_s: float) -> tuple[list[dict], str | None]:
     """Run :func:`measure` in a child process; returns (rows, error or None)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
-               MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+               MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1", OMP_NUM_THREADS="1")
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.memory", json.dumps(configs)],
