@@ -391,7 +391,8 @@ def main(argv=None) -> int:
         "inductor_cache": inductor_cache,
     }
     planned = (sum(g["budget"] for g in groups) * 1.25 + (0 if args.quick else 60)
-               + WIDTHS_BUDGET[args.quick] * args.budget_scale * 1.25
+               + (0 if "widths" in args.skip else
+                  WIDTHS_BUDGET[args.quick] * args.budget_scale * 1.25)
                + sum(v[args.quick] for k, v in PLANNED_EXTRA_S.items() if k not in args.skip))
     bar = tqdm(total=round(planned), unit="s", desc="benchmark", file=sys.stderr,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s planned "

@@ -122,9 +122,10 @@ def test_each_target_row_is_judged_against_its_threshold():
     assert (dense_from_512["measured"], dense_from_512["status"]) == (0.72, "MISS")
     memory = by_key(rows, "memory")
     assert [(t["unit"], t["status"]) for t in memory] == [
-        ("x official (dense, T=2, wide2048)", "MISS"),  # plain 120 > 112 MiB
-        ("x official (diagonal, T=2, wide2048)", "pass")]  # equal is not above
+        ("x official (dense, T=2, wide2048, worst kind of step)", "MISS"),  # plain 120 > 112
+        ("x official (diagonal, T=2, wide2048, worst kind of step)", "pass")]  # equal: not above
     assert memory[0]["measured"] == pytest.approx(120 / 112)
+    assert memory[0]["spread"] == [pytest.approx(120 / 112)] * 2  # one plain sample each
     transformer, = by_key(rows, "transformer")
     assert (transformer["status"], transformer["measured"]) == ("info", 1.2)
     assert "state 2.0 KiB" in transformer["detail"]
@@ -173,3 +174,23 @@ def test_full_plan_and_memory_configs():
     assert ["official", "wide2048", "hierarchical15_15", "singd", 2] in cfgs
     assert ["adapter", "wide512", "triltoeplitz", "singd", 2] in cfgs
     assert all(c[1] == "wide512" for c in run.memory_configs(run.STRUCTURES, quick=True))
+
+
+def test_tiny_measurements_carry_their_spreads():
+    """The measuring functions run.py calls, at toy sizes: every field the target rows
+    read is there (the values are timings and not checked)."""
+    pytest.importorskip("singd")
+    from benchmarks import sweep_bench
+
+    head = sweep_bench.measure(8, 2, rounds=2, warmup=0)
+    bound = sweep_bench.measure_bound(8, 2, rounds=2, warmup=0)
+    q = head["T10"]["paired_speedup_cpu"]
+    assert q["q25"] <= q["median"] <= q["q75"] and q["rounds"] == 2
+    assert bound["paired_core_over_hand"]["rounds"] == 2
+    result = widths.measure([128], ["diagonal"], budget_s=0.0, min_rounds=2)
+    r, = result["rows"]
+    assert (r["d"], r["structure"], r["rounds"]) == (128, "diagonal", 2)
+    assert r["x_official"] > 0 and r["paired_official"]["rounds"] == 2
+    data = {"sweep": {"headline": head, "bound": bound}, "widths": result}
+    keys = {t["key"] for t in report.targets(data) if t["status"] in ("pass", "MISS")}
+    assert keys == {"hand", "sweep", "widths"}
