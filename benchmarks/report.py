@@ -290,7 +290,8 @@ def _compile_rows(data) -> list[dict]:
         reason = next((s["reason"] for s in data.get("skipped", [])
                        if s["label"].startswith("adapter+compile")), None)
         out.append(_row("compile", ISSUE_TARGETS["compile"], "adapter+compile", "singd", None,
-                        None, "x eager drop-in", None, reason or "not in this run"))
+                        None, "x eager drop-in", None,
+                        reason or data.get("not_measured", {}).get("compile", "not in this run")))
     return out
 
 
@@ -398,7 +399,7 @@ def _extras_markdown(data) -> list[str]:
         L += ["", "## Transformer models (issue 14 item 6): drop-in SINGD, T=10", "",
               "| model, structure | x AdamW [paired IQR] | detail |", "|---|---|---|"]
         for t in tr:
-            L.append(f"| {t['model']}, {t['structure']} | {measured_cell(t)} "
+            L.append(f"| {t['model']}, {t['structure']} | {_f(t['measured'], '{:.3f}')} "
                      f"[{spread_cell(t)}] | {t['detail']} |")
     if data.get("not_measured"):
         L += ["", "Not measured in this run: " + "; ".join(

@@ -269,15 +269,18 @@ def run_extras(args, bar, structures) -> tuple[dict, dict]:
     if "widths" in skip:
         why["widths"] = why["widths_dense"] = "skipped (--skip widths)"
     else:
-        t0 = stage("widths", "width sweep")
+        stage("widths", "width sweep")
         ws = (128, 512) if args.quick else models.WIDTHS
         ss = [s for s in width_sweep.STRUCTURES
               if not (args.quick and s in SLOW_OFFICIAL)
               and (not args.structures or s in args.structures)]
+        def tick(dt, label):
+            bar.set_postfix_str(f"widths {label}"[:60], refresh=False)
+            _advance(bar, dt)
+
         out["widths"] = width_sweep.measure(
             ws, ss, WIDTHS_BUDGET[args.quick] * scale, min_rounds=args.min_rounds,
-            seed=args.seed)
-        _advance(bar, time.perf_counter() - t0)
+            seed=args.seed, tick=tick)
 
     if "sweep" in skip:
         why["sweep"] = why["hand"] = "skipped (--skip sweep)"

@@ -80,7 +80,8 @@ def measure(widths, structures, budget_s: float, *, min_rounds: int = 2, seed: i
             warnings.simplefilter("ignore")
             records, info = timing.run_group(
                 built, batches, budget_s=budget_s * shares[d], min_rounds=min_rounds,
-                max_rounds=200, slow_steps=slow, tick=tick, seed=seed)
+                max_rounds=200, slow_steps=slow, seed=seed,
+                tick=lambda dt, msg, d=d: tick(dt, f"d={d} {msg}"))
         summary = {i: timing.summarize(records[i], T, i in slow) for i in range(len(built))}
         by_label = {c.cfg.label: i for i, c in enumerate(built)}
         sgd = by_label.get("sgd")
