@@ -308,7 +308,8 @@ def run_extras(args, bar, structures) -> tuple[dict, dict]:
         why["conv"] = "skipped (--skip conv or --models without cnn)"
     else:
         t0 = stage("conv", "CNN convolution statistics")
-        out["conv_statistics"] = conv_stats.share(["dense"] if args.quick else structures,
+        # every structure in --quick too (main, 174722a)
+        out["conv_statistics"] = conv_stats.share(structures,
                                                   reps=_rounds(3 if args.quick else 7, scale))
         _advance(bar, time.perf_counter() - t0)
 

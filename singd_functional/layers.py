@@ -247,21 +247,33 @@ def _describe_conv(kind: str):
 
 
 def _patches(info: LayerInfo, x: Tensor) -> Tensor:
-    """Unfolded input patches of a conv layer: [N, d_in, positions]."""
+    """Unfolded input patches of a conv layer: [N, d_in, positions] (a view of a
+    [d_in, N, positions] tensor), the entries of ``F.unfold`` (rows ordered channel,
+    kernel row, kernel column).
+
+    Built as a strided view of the padded input (``Tensor.unfold`` per spatial dim, the
+    dilation as a step over each window) and one copy into the patch layout: the same
+    numbers as ``F.unfold``, whose CPU kernel took 20-40x longer (0.2 ms vs 6.6-9.0 ms for
+    the benchmark CNN's conv1 patches [64, 27, 1024], 1 thread).
+    """
     if info.kind == "conv1d":
         x = x.unsqueeze(-2)
+    n, ch = x.shape[0], x.shape[1]
     if info.groups > 1:  # docs/algorithm.md#statistics: average the input channels over the groups
-        n, ch = x.shape[0], x.shape[1]
-        x = x.reshape(n, info.groups, ch // info.groups, *x.shape[2:]).mean(1)
+        ch = ch // info.groups
+        x = x.reshape(n, info.groups, ch, *x.shape[2:]).mean(1)
     top, bottom, left, right = info.padding
-    padding: tuple[int, int] = (top, left)
-    if info.padding_mode != "zeros" or top != bottom or left != right:
+    if info.padding_mode != "zeros" or top or bottom or left or right:
         mode = "constant" if info.padding_mode == "zeros" else info.padding_mode
         x = F.pad(x, (left, right, top, bottom), mode=mode)
-        padding = (0, 0)
-    return F.unfold(
-        x, info.kernel_size, dilation=info.dilation, padding=padding, stride=info.stride
-    )
+    (kh, kw), (sh, sw), (dh, dw) = info.kernel_size, info.stride, info.dilation
+    windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    windows = windows[..., ::dh, ::dw]  # [N, C, out_h, out_w, kh, kw]
+    positions = windows.shape[2] * windows.shape[3]
+    # stored as [d_in, N, positions]: the statistics read the patches as the columns
+    # X [d_in, N positions] of their Gram without another copy
+    cols = windows.permute(1, 4, 5, 0, 2, 3).reshape(ch * kh * kw, n, positions)
+    return cols.permute(1, 0, 2)
 
 
 def _conv_rows(info: LayerInfo, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:

@@ -192,6 +192,22 @@ class StructuredMatrix:
         """Pi(self^T X X^T self) for X of shape [d, R]; self need not be symmetric."""
         return type(self).project_outer(self.rmatmat(X))
 
+    def project_inner_gram(self, A: Tensor) -> StructuredMatrix:
+        """Pi(self^T A self) for a symmetric A [d, d]: ``project_inner(X)`` from the Gram
+        A = X X^T (the statistics form it when X has many more columns than d)."""
+        D = self.to_dense()
+        return type(self).from_dense(D.mT @ A @ D)
+
+    def inner_cost(self) -> int:
+        """Multiply-adds per column of X that ``project_inner(X)`` costs on X [d, R]
+        contiguous along R (a convolution's patches), an estimate the statistics weigh
+        against the Gram's d^2 (:meth:`project_inner_gram`).
+
+        2 d^2 unless a structure says less: a dense K^T X and Y Y^T take that, and the
+        block-diagonal, hierarchical and Toeplitz products took as long or longer on that
+        layout (measured 1.0-3.8x the Gram's time at d = 145, 16,384 columns)."""
+        return 2 * self.dim**2
+
     def average_trace(self) -> Tensor:
         """trace(self) / d."""
         return self.trace() / self.dim

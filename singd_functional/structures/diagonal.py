@@ -64,6 +64,12 @@ class Diagonal(StructuredMatrix):
         # Pi(D X X^T D) = values^2 * rowsumsq(X): no scaled copy of X
         return Diagonal(self.values * self.values * torch.linalg.vecdot(X, X))
 
+    def project_inner_gram(self, A: Tensor) -> Diagonal:
+        return Diagonal(self.values * self.values * torch.diagonal(A, dim1=-2, dim2=-1))
+
+    def inner_cost(self) -> int:
+        return 2 * self.dim  # the sums of squares of X's rows: always below the Gram's d^2
+
     def matmul(self, other: Diagonal) -> Diagonal:
         return Diagonal(self.values * other.values)
 
