@@ -211,16 +211,21 @@ class HandBatched:
 
 def measure_bound(width: int, n: int, rounds: int, warmup: int) -> dict:
     """Plain steps (cache_preconditioner) of: the core once per member, the vmapped
-    sweep, :class:`HandBatched` for all members at once and once per member;
-    interleaved, medians in ms per step for all members."""
+    sweep, :class:`HandBatched` for all members at once and once per member, and the
+    gradient pass alone of the first two (``capture(..., record_layers=False)`` once per
+    member, and vmapped); interleaved, medians in ms per step for all members."""
     s = Setup(width, n, cache=True, device=DEVICE)
     batched = HandBatched(width, n, DEVICE)
     singles = [HandBatched(width, 1, DEVICE) for _ in range(n)]
+    vmapped_gradients = torch.func.vmap(lambda p: s.capture(p, s.x, s.y, record_layers=False))
     contenders = {
         "core_sequential": lambda: s.sequential(False),
         "sweep": lambda: s.vmapped(False),
         "hand_batched": lambda: batched.step(s.x, s.y),
         "hand_sequential": lambda: [h.step(s.x, s.y) for h in singles],
+        # the gradient pass alone (no update): what of each step is forward + backward
+        "core_gradients": lambda: [s.capture(r[0], s.x, s.y, record_layers=False) for r in s.runs],
+        "sweep_gradients": lambda: vmapped_gradients(s.state.params),
     }
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for r in range(warmup + rounds):
@@ -468,7 +473,18 @@ def main(argv=None):
         f"{b['core_sequential'] / b['hand_batched']:.2f}x |",
         f"| hand-written step, once per member | {b['hand_sequential']:.2f} | "
         f"{b['core_sequential'] / b['hand_sequential']:.2f}x |",
+        f"| (the core's gradient pass alone, once per member) | {b['core_gradients']:.2f} | "
+        f"{b['core_sequential'] / b['core_gradients']:.2f}x |",
+        f"| (the sweep's gradient pass alone, vmapped) | {b['sweep_gradients']:.2f} | "
+        f"{b['core_sequential'] / b['sweep_gradients']:.2f}x |",
     ])
+    gradient_share = (
+        f"The gradient pass (forward + backward, no update) is "
+        f"{b['core_gradients'] / b['core_sequential']:.0%} of the core's looped step and "
+        f"{b['sweep_gradients'] / b['sweep']:.0%} of the sweep's; the core's looped step "
+        f"is {b['core_sequential'] / b['hand_sequential']:.2f}x the hand-written loop, the "
+        f"sweep {b['sweep'] / b['hand_batched']:.2f}x the hand-written batched step."
+    )
     if DEVICE == "cpu":
         where = (f"Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}; load average\n"
                  f"{env['load_average'][0]:.1f} at start, {env['load_average_end'][0]:.1f} at the end\n"
@@ -523,7 +539,7 @@ member. ms per step for all 8 members; "x" = baseline / row.
 The hand-written batched step bounds what any batched step can reach; the hand-written
 loop shows how much of the baseline is per-operation overhead rather than arithmetic.
 Where the batched step is barely faster than the loop, batching saves overhead only and
-the arithmetic sets the limit.
+the arithmetic sets the limit. {gradient_share}
 
 ## Scaling with N (w = 128)
 

@@ -123,6 +123,46 @@ def test_capture_under_vmap_matches_a_loop():
             assert torch.allclose(caps[name].output_grads[0][i], c_i[name].output_grads[0], atol=1e-14)
 
 
+@pytest.mark.parametrize("record_layers", [True, False])
+def test_eager_autograd_path_equals_torch_func_grad(record_layers):
+    """Eagerly the capture differentiates with torch.autograd.grad; under a transform
+    with torch.func.grad. Same numbers, no graph left on what it returns, a parameter
+    the loss never uses gets zeros, and an outer no_grad does not stop it."""
+
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.idle = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Unused().double()
+    layers = tuple(i for i in sf.find_layers(model) if i.name != "idle")
+    capture = sf.make_capture(model, F.cross_entropy, layers)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    with torch.no_grad():
+        loss, grads, caps = capture(params, x, y, record_layers=record_layers)
+    # a transform over a member axis of size 1 runs the torch.func.grad path
+    ref = torch.func.vmap(lambda p: capture(p, x, y, record_layers=record_layers))(
+        {k: v.unsqueeze(0) for k, v in params.items()}
+    )
+    assert torch.allclose(loss, ref[0][0], rtol=1e-14, atol=0)
+    for k in params:
+        assert torch.allclose(grads[k], ref[1][k][0], rtol=1e-12, atol=1e-15), k
+        assert grads[k].grad_fn is None and not grads[k].requires_grad
+    assert torch.equal(grads["idle.weight"], torch.zeros(2, 2, dtype=torch.float64))
+    assert grads["a.weight"].abs().sum() > 0
+    assert sorted(caps) == (["a", "b"] if record_layers else [])
+    for name, cap in caps.items():
+        for got, want in zip(cap.inputs + cap.output_grads, ref[2][name].inputs + ref[2][name].output_grads):
+            assert torch.allclose(got, want[0], rtol=1e-12, atol=1e-15)
+            assert got.grad_fn is None and not got.requires_grad
+    assert loss.grad_fn is None
+
+
 def test_update_runs_under_vmap_over_seeds():
     """Capture + update vmapped over per-member parameters equals a loop."""
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()

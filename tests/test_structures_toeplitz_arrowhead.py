@@ -137,6 +137,108 @@ def test_toeplitz_low_precision_keeps_dtype(name, dtype):
         close(out, ref, tol)
 
 
+# Every product of the natural gradient goes through one of two paths, picked by d: GEMMs
+# with the d x d triangular matrix (d <= _DENSE_MAX) or FFTs (eager, in place; or
+# functional under autograd / vmap), in row batches. Each is checked against dense
+# products on non-symmetric inputs, in float64, with inputs laid out both ways.
+def _products(K, X, Y):
+    """The six products of a structure: X [d, m] for the column forms, Y [r, d] rows."""
+    return {
+        "matmat": K.matmat(X),
+        "rmatmat": K.rmatmat(X),
+        "outer_matmat": K.outer_matmat(X),
+        "matmat_right": K.matmat_right(Y),
+        "rmatmat_right": K.rmatmat_right(Y),
+        "outer_matmat_right": K.outer_matmat_right(Y),
+    }
+
+
+def _dense_products(Kd, X, Y):
+    return {
+        "matmat": Kd @ X,
+        "rmatmat": Kd.mT @ X,
+        "outer_matmat": Kd @ Kd.mT @ X,
+        "matmat_right": Y @ Kd,
+        "rmatmat_right": Y @ Kd.mT,
+        "outer_matmat_right": Y @ Kd @ Kd.mT,
+    }
+
+
+@pytest.mark.parametrize("name", TOEPLITZ)
+@pytest.mark.parametrize("d", [40, 96, 97, 200, 785])  # 200 and 785: FFT lengths 400, 1600
+def test_toeplitz_products_both_paths_match_dense_float64(name, d):
+    from singd_functional.structures.toeplitz import _DENSE_MAX, _chunk_rows, _fft_size
+
+    assert (d <= _DENSE_MAX) == (d in (40, 96))
+    T = structures.get(name)
+    K = random_member(T, d)
+    Kd = K.to_dense()
+    rows = _chunk_rows(_fft_size(2 * d - 1)) + 3  # more than one FFT batch of rows
+    for X, Y in [
+        (torch.randn(d, rows, dtype=torch.float64), torch.randn(rows, d, dtype=torch.float64)),
+        # transposed views: the layout the natural gradient hands to the other side
+        (torch.randn(rows, d, dtype=torch.float64).mT, torch.randn(d, rows, dtype=torch.float64).mT),
+    ]:
+        got, want = _products(K, X, Y), _dense_products(Kd, X, Y)
+        for op in want:
+            assert got[op].shape == want[op].shape, op
+            close(got[op], want[op], 1e-12)
+        # the projections take the same two paths (a d x d Gram for small d)
+        close(T.project_outer(X).to_dense(), project(name, X @ X.T), 1e-12)
+        close(K.project_inner(X).to_dense(), project(name, Kd.T @ X @ X.T @ Kd), 1e-12)
+    # the column forms of a contiguous X come back contiguous (no strided rows downstream)
+    X = torch.randn(d, 5, dtype=torch.float64)
+    assert K.outer_matmat(X).is_contiguous() and K.matmat(X).is_contiguous()
+
+
+@pytest.mark.parametrize("name", TOEPLITZ)
+@pytest.mark.parametrize("d", [40, 200])
+def test_toeplitz_products_under_vmap_autograd_and_batch_dims(name, d):
+    # vmap and autograd take the functional FFT path, leading batch dimensions the
+    # eager one: all equal to dense products
+    T = structures.get(name)
+    b, m = 3, 6
+    K = random_member(T, d, batch=(b,))
+    Kd = K.to_dense()
+    X = torch.randn(b, d, m, dtype=torch.float64)
+    Y = torch.randn(b, m, d, dtype=torch.float64)
+    want = _dense_products(Kd, X, Y)
+    batched = _products(K, X, Y)
+    mapped = torch.func.vmap(lambda c, x, y: _products(T(c), x, y))(K.coeffs, X, Y)
+    for op in want:
+        close(batched[op], want[op], 1e-12)
+        close(mapped[op], want[op], 1e-12)
+    stats = torch.func.vmap(lambda c, x: (T.project_outer(x).coeffs, T(c).project_inner(x).coeffs))
+    for outer, inner in [(T.project_outer(X).coeffs, K.project_inner(X).coeffs),
+                         stats(K.coeffs, X)]:
+        for i in range(b):
+            close(T(outer[i]).to_dense(), project(name, X[i] @ X[i].T), 1e-12)
+            close(T(inner[i]).to_dense(), project(name, Kd[i].T @ X[i] @ X[i].T @ Kd[i]), 1e-12)
+    c = K.coeffs[0].clone().requires_grad_(True)
+    out = _products(T(c), X[0], Y[0])
+    for op in want:
+        close(out[op].detach(), want[op][0], 1e-12)
+    # gradient of sum(K K^T X) wrt the coefficients, against the dense form's
+    sum(o.sum() for o in out.values()).backward()
+    cd = K.coeffs[0].clone().requires_grad_(True)
+    sum(o.sum() for o in _dense_products(T(cd).to_dense(), X[0], Y[0]).values()).backward()
+    close(c.grad, cd.grad, 1e-12)
+
+
+@pytest.mark.parametrize("name", TOEPLITZ)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_toeplitz_fft_path_low_precision(name, dtype):
+    T = structures.get(name)
+    d = 130
+    K = random_member(T, d, dtype)
+    X, Y = torch.randn(d, 4).to(dtype), torch.randn(4, d).to(dtype)
+    got = _products(K, X, Y)
+    want = _dense_products(K.to_dense().double(), X.double(), Y.double())
+    for op in want:
+        assert got[op].dtype == dtype
+        close(got[op], want[op], 3e-2)
+
+
 # ---------------------------------------------------------------------- arrowheads
 @pytest.mark.parametrize(
     ("lower", "upper"),
