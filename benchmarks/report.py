@@ -384,8 +384,10 @@ def _extras_markdown(data) -> list[str]:
             L.append(f"| {label} | {h[k]['seq_cpu_ms']:.2f} | {h[k]['vmap_cpu_ms']:.2f} | "
                      f"{h[k]['speedup_cpu']:.2f}x |")
         L += ["", "| plain step, cached K K^T and C C^T | ms (8 members) |", "|---|---|"]
-        for k in ("core_sequential", "sweep", "hand_batched", "hand_sequential"):
-            L.append(f"| {k} | {b[k]:.2f} |")
+        for k in ("core_sequential", "sweep", "hand_batched", "hand_sequential",
+                  "core_gradients", "sweep_gradients"):
+            if k in b:
+                L.append(f"| {k} | {b[k]:.2f} |")
     if data.get("guard"):
         L += ["", "## Skipping non-finite steps (benchmarks/guard_bench.py, MLP, T=10)", "",
               "| structure | what | plain CPU ms | guarded CPU ms | paired ratio [IQR] | "
