@@ -1,16 +1,17 @@
 """Peak resident-memory growth per step, measured in a child process.
 
-``python -m benchmarks.memory '<json list of [kind, model, structure, method(, T)]>'``
+``python -m benchmarks.memory '<json list of [kind, model, structure, method(, T(, steps))]>'``
 prints one JSON list. The parent (``benchmarks.run``) starts it with glibc's mmap
 threshold fixed low (``MALLOC_MMAP_THRESHOLD_``) and one malloc arena
-(``MALLOC_ARENA_MAX=1``), so that every tensor larger than 64 KiB is its own mapping and
-is returned to the OS when freed: the resident set size then follows the live tensors,
-and its peak during a step is the step's working memory above the optimizer state
-(repeatable to ~0.1 MiB). The child runs each contender with T (default 2: the T > 1
-path, which keeps K K^T and C C^T between updates, whatever T is): two untimed warm-up
-steps, then :data:`CYCLES` T-cycles in which a thread samples the RSS every ~0.2 ms
-during each step; per kind of step (statistics update, plain) the largest peak is
-reported, and every sample beside it.
+(``MALLOC_ARENA_MAX=1``: the sampler thread's allocations land where the step's do), so
+that every tensor larger than 64 KiB is its own mapping and is returned to the OS when
+freed: the resident set size then follows the live tensors, and its peak during a step
+is the step's working memory above the optimizer state (repeatable to ~0.1 MiB). The
+child runs each contender with its T (default 10, issue 14's table) for two untimed
+warm-up steps, then ``steps`` steps (default :func:`default_steps`: one T-cycle, at
+least two steps; for T = 10 steps 2..11, i.e. the statistics step 10 and nine plain
+ones) in which a thread samples the RSS every ~0.2 ms; per kind of step (``statistics``
+update, ``plain``) the largest peak is reported, and every sample beside it.
 
 Doing this in the timing process would slow every allocation there (one mmap each),
 hence the separate process.
@@ -26,7 +27,14 @@ import threading
 import time
 
 MMAP_THRESHOLD = 65536
-CYCLES = 2  # measured T-cycles per contender (after two warm-up steps)
+WARMUP = 2  # untimed steps before the sampled ones (they build lazily created state)
+STEP_KINDS = ("statistics", "plain")  # the keys of a row: f"{kind}_peak_bytes", ..._samples
+
+
+def default_steps(T: int) -> int:
+    """Sampled steps of a contender at T: one T-cycle (one statistics step and T - 1 plain
+    ones after the warm-up), at least two."""
+    return max(T, 2)
 
 
 def _rss_reader():
@@ -74,6 +82,9 @@ class PeakSampler:
 
 
 def measure(configs: list[list]) -> list[dict]:
+    """One row per config: its identity, ``steps``, and per kind of step in
+    :data:`STEP_KINDS` that occurred ``<kind>_peak_bytes`` (the largest) and
+    ``<kind>_peak_samples`` (every step's peak above the RSS before it); or ``error``."""
     import gc
 
     import torch
@@ -87,18 +98,20 @@ def measure(configs: list[list]) -> list[dict]:
     out = []
     for cfg in configs:
         kind, model, structure, method = cfg[:4]
-        T = cfg[4] if len(cfg) > 4 else 2
-        row = {"kind": kind, "model": model, "structure": structure, "method": method, "T": T}
+        T = cfg[4] if len(cfg) > 4 else 10
+        steps = cfg[5] if len(cfg) > 5 else default_steps(T)
+        row = {"kind": kind, "model": model, "structure": structure, "method": method, "T": T,
+               "steps": steps}
         c = None
         try:
             batch = models.batches(model, 1)[0]
             c = make(Config(kind, model, T, structure, method))
             c.prepare(*batch)
-            for _ in range(2):  # warm-up: builds lazily created state
+            for _ in range(WARMUP):
                 c.step(*batch)
-            peaks: dict[str, list[int]] = {"plain": [], "update": []}
-            for _ in range(CYCLES * T):
-                label = "update" if structure is not None and c.next_is_update() else "plain"
+            peaks: dict[str, list[int]] = {k: [] for k in STEP_KINDS}
+            for _ in range(steps):
+                label = "statistics" if c.next_is_update() else "plain"
                 c.model.zero_grad(set_to_none=True)  # the baseline holds no gradients
                 gc.collect()
                 with PeakSampler() as s:

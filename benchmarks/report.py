@@ -24,7 +24,8 @@ ISSUE_TARGETS = {
     "state": "optimizer state <= official (every structure)",
     "widths": "<= 1.0x official at every width 128..2048 (every structure)",
     "widths_dense": "dense <= 0.7x official from d = 512",
-    "memory": "peak step memory above the state <= official (every structure)",
+    "memory": "peak memory of a step above the state (statistics and plain steps) <= "
+              "official (every structure)",
     "transformer": "transformer models: SINGD vs AdamW vs official (step time, state)",
     "compile": "SINGD(compile=True), drop-in (MLP, T=10)",
 }
@@ -210,13 +211,24 @@ def _width_targets(data) -> list[dict]:
     return out
 
 
+def _model_text(model: str) -> str:
+    """``wide<d>`` (models.Wide) in words, other model names as they are."""
+    d = model[4:] if model.startswith("wide") else ""
+    return f"two Linear({d}, {d})" if d.isdigit() else model
+
+
+STEP_KINDS = ("statistics", "plain")  # memory.STEP_KINDS (not imported: no torch here)
+
+
 def _peaks(r: dict, kind: str) -> list[int]:
+    """Every sampled peak of one kind of step of a ``memory_peak`` row (bytes)."""
     return r.get(f"{kind}_peak_samples") or (
         [r[f"{kind}_peak_bytes"]] if f"{kind}_peak_bytes" in r else [])
 
 
 def _memory_targets(data) -> list[dict]:
-    """Per structure (and T): ours / official of the worst step kind's peak."""
+    """Per structure and T: ours / official of the largest peak, for the kind of step
+    (statistics, plain) where that ratio is worst; the spread over the samples."""
     out = []
     rows = [r for r in data.get("memory_peak", []) if "error" not in r]
     for r in rows:
@@ -225,7 +237,7 @@ def _memory_targets(data) -> list[dict]:
         off = next((o for o in rows if o["kind"] == "official" and o["structure"] ==
                     r["structure"] and o["model"] == r["model"] and o.get("T") == r.get("T")),
                    None)
-        label = f"{r['structure']}, T={r.get('T', 2)}, {r['model']}"
+        label = f"{r['structure']}, T={r['T']}, {_model_text(r['model'])}"
         if off is None:
             out.append(_row("memory", ISSUE_TARGETS["memory"], r["kind"], r["method"], None,
                             1.0, f"x official ({label})", None,
@@ -236,7 +248,7 @@ def _memory_targets(data) -> list[dict]:
             continue
         # per kind of step: ratio of the largest peaks, and the range over the samples
         kinds, parts = [], []
-        for kind in ("update", "plain"):
+        for kind in STEP_KINDS:
             ours, theirs = _peaks(r, kind), _peaks(off, kind)
             if not ours or not theirs or min(theirs) <= 0:
                 continue
@@ -245,7 +257,7 @@ def _memory_targets(data) -> list[dict]:
             parts.append(f"{kind} {max(ours) / 2**20:.1f} vs {max(theirs) / 2**20:.1f} MiB")
         worst = max(kinds, default=(None, None))
         out.append(_row("memory", ISSUE_TARGETS["memory"], r["kind"], r["method"], worst[0],
-                        1.0, f"x official ({label}, worst kind of step)", worst[1],
+                        1.0, f"x official ({label}, worse kind of step)", worst[1],
                         "; ".join(parts) or "no peaks"))
     return out
 
@@ -409,28 +421,53 @@ def _extras_markdown(data) -> list[str]:
     return L
 
 
+def _mib(v: list[int]) -> str:
+    """Largest of the sampled peaks in MiB, with the range of the samples when they differ."""
+    if not v:
+        return "–"
+    lo, hi = min(v) / 2**20, max(v) / 2**20
+    return f"{hi:.1f}" + (f" ({lo:.1f}–{hi:.1f}, {len(v)} steps)" if hi - lo >= 0.05 else "")
+
+
 def _memory_markdown(data) -> list[str]:
+    """Issue 14's memory table: per structure, T and kind of step, official vs ours."""
     L = ["", "## Peak resident memory of a step above the state (child process)", ""]
     if data.get("memory_peak_error"):
         L.append(f"Not measured: {data['memory_peak_error']}")
-    if data.get("memory_peak"):
-        L += ["Peak RSS during the step minus RSS before it (gradients freed first; the "
-              "optimizer state is resident before), with glibc's mmap threshold at 64 KiB and "
-              "one malloc arena so freed tensors leave the RSS; sampled every ~0.2 ms. Two "
-              "warm-up steps, then two T-cycles; the largest peak of each kind of step, "
-              "every sample in brackets.", "",
-              "| contender | model | T | plain step MiB | update step MiB |", "|---|---|---|---|---|"]
-        for r in data["memory_peak"]:
-            label = r["kind"] if r["structure"] is None else f"{r['kind']}:{r['structure']}"
-            if "error" in r:
-                L.append(f"| {label} | {r['model']} | {r.get('T', '–')} | error: {r['error']} | |")
+    rows = data.get("memory_peak") or []
+    if not rows:
+        return L
+    L += ["Peak RSS during the step minus RSS before it (gradients freed first; the "
+          "optimizer state is resident before), with glibc's mmap threshold at 64 KiB and "
+          "one malloc arena so freed tensors leave the RSS; sampled every ~0.2 ms "
+          "(`benchmarks/memory.py`). Two warm-up steps, then one T-cycle (at least two "
+          "steps); the largest peak of each kind of step, the range over its steps in "
+          "parentheses.", "",
+          "| structure | model | T | step | official MiB | ours (drop-in) MiB | ours / official |",
+          "|---|---|---|---|---|---|---|"]
+    ok = [r for r in rows if "error" not in r]
+    for r in ok:
+        if r["kind"] not in OURS or r["structure"] is None:
+            continue
+        off = next((o for o in ok if o["kind"] == "official" and o["structure"] == r["structure"]
+                    and o["model"] == r["model"] and o["T"] == r["T"]), {})
+        for kind in STEP_KINDS:
+            ours, theirs = _peaks(r, kind), _peaks(off, kind)
+            if not ours and not theirs:
                 continue
-            cells = []
-            for kind in ("plain", "update"):
-                v = _peaks(r, kind)
-                cells.append("–" if not v else f"{max(v) / 2**20:.1f} ["
-                             + ", ".join(f"{x / 2**20:.1f}" for x in v) + "]")
-            L.append(f"| {label} | {r['model']} | {r.get('T', 2)} | {cells[0]} | {cells[1]} |")
+            ratio = "–" if not ours or not theirs or max(theirs) <= 0 else (
+                f"{max(ours) / max(theirs):.2f}")
+            L.append(f"| {r['structure']} | {_model_text(r['model'])} | {r['T']} | {kind} | "
+                     f"{_mib(theirs)} | {_mib(ours)} | {ratio} |")
+    base = [r for r in ok if r["structure"] is None]
+    if base:
+        L += ["", "Baselines (plain steps): " + "; ".join(
+            f"{r['kind']} {_mib(_peaks(r, 'plain'))} MiB ({_model_text(r['model'])})"
+            for r in base) + "."]
+    for r in rows:
+        if "error" in r:
+            label = r["kind"] if r["structure"] is None else f"{r['kind']}:{r['structure']}"
+            L.append(f"\n{label} ({r['model']}, T={r.get('T', '–')}): error: {r['error']}")
     return L
 
 

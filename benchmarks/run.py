@@ -40,12 +40,16 @@ STAGES = ("groups", "widths", "sweep", "guard", "conv", "memory", "profile")
 # Seconds of the stages outside the groups at --budget-scale 1 (full, quick): the width
 # sweep's budget, and rough costs of the others for the progress bar's plan.
 WIDTHS_BUDGET = (180.0, 10.0)
-PLANNED_EXTRA_S = {"sweep": (25, 8), "guard": (20, 5), "conv": (15, 4), "memory": (150, 60),
+# memory: ~200 s at T=10 (the official dense step at d = 2048: 5.3 s statistics, 2.5 s
+# plain; its Toeplitz at d = 512: 3.8 s a step; single steps, 2026-12-08, this machine)
+PLANNED_EXTRA_S = {"sweep": (25, 8), "guard": (20, 5), "conv": (15, 4), "memory": (200, 60),
                    "profile": (20, 0)}
-# The memory child: issue 14's model, two Linear(2048, 2048), batch 128; the official
-# Toeplitz takes minutes per step there, so Toeplitz is compared at d = 512.
+# The memory child: issue 14's table, two Linear(2048, 2048), batch 128, T=10 (dense also
+# T=1); the official Toeplitz takes minutes per step there, so Toeplitz is compared at
+# d = 512.
 MEMORY_MODEL = ("wide2048", "wide512")  # (full, --quick --memory)
 MEMORY_TOEPLITZ_MODEL = "wide512"
+MEMORY_T = 10
 
 
 def _rounds(base: int, scale: float, least: int = 3) -> int:
@@ -239,16 +243,18 @@ def summarize_group(g, built, records, info, slow) -> dict:
 
 
 def memory_configs(structures, quick: bool) -> list[list]:
-    """[kind, model, structure, method, T] of the memory child: SGD and AdamW for scale,
-    then the official package and the drop-in per structure (T=2: the T > 1 path;
-    dense also T=1), on issue 14's two Linear(2048, 2048) (--quick: 512)."""
+    """[kind, model, structure, method, T] of the memory child (issue 14's memory table):
+    SGD and AdamW for scale, then the official package and the drop-in per structure at
+    T=10 (dense also T=1), on two Linear(2048, 2048) (--quick: 512). The child samples
+    one T-cycle after two warm-up steps (``memory.default_steps``): at T=10 one
+    statistics step and nine plain ones, at T=1 two statistics steps."""
     model = MEMORY_MODEL[quick]
-    cfgs = [[k, model, None, None, 2] for k in ("sgd", "adamw")]
+    cfgs = [[k, model, None, None, MEMORY_T] for k in ("sgd", "adamw")]
     for s in structures:
         if s in SLOW_OFFICIAL and quick:
             continue
         where = MEMORY_TOEPLITZ_MODEL if s in SLOW_OFFICIAL else model
-        for T in (1, 2) if s == "dense" else (2,):
+        for T in (1, MEMORY_T) if s == "dense" else (MEMORY_T,):
             for impl in ("official", "adapter"):
                 if unavailable(impl) is None:
                     cfgs.append([impl, where, s, "singd", T])

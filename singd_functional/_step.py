@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 from typing import NamedTuple
 
+import optree
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -33,6 +34,7 @@ from ._groups import (
     locked,
     store_factors,
 )
+from ._pytree import PYTREE_NAMESPACE
 from .factors import Factors
 from .precondition import outer_products
 from .statistics import LayerStatistics
@@ -226,6 +228,7 @@ class _Plan(NamedTuple):
     state: SINGDState
     statistics: dict
     active: tuple
+    old_products: dict  # K K^T, C C^T of the updating layers, for a skipped step (_apply)
 
 
 def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
@@ -251,6 +254,11 @@ def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
     layer_state = {l.name: st_of[grp.weight(l)] for l in active}
     factors = {n: Factors(s["K"], s["C"]) for n, s in layer_state.items()}
     statistics = {n: s for n, s in statistics.items() if n in layer_state}
+    # a guarded statistics step keeps the updating layers' old products aside (not passed
+    # to the core) so that a skipped step gets them back without building them again
+    old_products = {l.name: l.products for l in active
+                    if l.name in statistics and _fresh(l.products, factors[l.name])} \
+        if group["T"] > 1 and optimizer._guard and not optimizer.split_work else {}
     state = SINGDState(
         count=torch.tensor(group["step"]),
         factors=factors,
@@ -259,7 +267,8 @@ def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
         fallback=(),
         products=_cached_products(active, factors, statistics) if group["T"] > 1 else {},
     )
-    return _Plan(grp, keys, no_grad, grads, params, layer_state, state, statistics, active)
+    return _Plan(grp, keys, no_grad, grads, params, layer_state, state, statistics, active,
+                 old_products)
 
 
 def _update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None):
@@ -315,20 +324,22 @@ def _apply(optimizer, plan: _Plan, updates, new: SINGDState, ok: Tensor | None,
         updates = {k: guard.zero_where_not_(ok, u) for k, u in updates.items()}  # ours
     if any(k is not None for k in keep.values()):
         def pick(tree, old_tree):
-            return {n: guard.select(keep[n], t, old_tree[n])
+            return {n: _select_into_new(keep[n], t, old_tree[n])
                     if keep.get(n) is not None and n in old_tree else t
                     for n, t in tree.items()}
         factors = pick(new.factors, old.factors)
-        # a layer whose old products were dropped before its factor update
-        # (_cached_products) has none to select: its products are rebuilt from the
-        # selected factors (the same numbers as the core's where the step is kept).
-        # TODO(speed): the core's own rebuild of these is then wasted work.
+        # the old products of the updating layers were set aside (not passed to the
+        # core, which built the new ones from the new factors for this step's direction):
+        # a skipped step selects them back, so the products are built once per step. A
+        # layer with none set aside (split_work, a stale cache) has its products rebuilt
+        # from the selected factors (the core's numbers where the step is kept).
+        old_products = {**old.products, **plan.old_products}
         products = {n: outer_products(*factors[n])
-                    if keep.get(n) is not None and n not in old.products else t
+                    if keep.get(n) is not None and n not in old_products else t
                     for n, t in new.products.items()}
         new = new._replace(factors=factors,
                            momenta=pick(new.momenta, old.momenta),
-                           products=pick(products, old.products))
+                           products=pick(products, old_products))
     for k in plan.keys:
         if k in plan.no_grad:
             continue
@@ -378,22 +389,48 @@ def _cached_products(active: tuple[Layer, ...], factors: dict[str, Factors],
     """K K^T and C C^T of each layer, recomputed where missing or out of date.
 
     Layers in ``updating`` get new factors this step, and the core builds their new
-    products from those: their old products are dropped here, before the new ones exist
-    (two d x d matrices less at the step's peak with dense factors).
+    products from those: their old products are not passed to it and dropped here. An
+    unguarded step so holds two d x d matrices less at its peak (dense factors); a
+    guarded one has kept them aside in ``_plan`` (``old_products``) for a skipped step,
+    which costs that memory and saves building them again (``_apply``).
     """
     out = {}
     for layer in active:
         if layer.name in updating:
             layer.products = None
             continue
-        K, C = factors[layer.name]
         cached = layer.products
-        fresh = cached is not None and all(
-            cached[k].dtype == M.dtype and cached[k].device == M.device
-            for k, M in (("K", K), ("C", C)) if k in cached
-        )
-        out[layer.name] = cached if fresh else outer_products(K, C)
+        out[layer.name] = cached if _fresh(cached, factors[layer.name]) \
+            else outer_products(*factors[layer.name])
     return out
+
+
+def _fresh(cached: dict | None, factors: Factors) -> bool:
+    """Whether cached products are there, in the factors' dtypes and devices."""
+    return cached is not None and all(
+        cached[k].dtype == M.dtype and cached[k].device == M.device
+        for k, M in (("K", factors.K), ("C", factors.C)) if k in cached
+    )
+
+
+def _select_into_new(ok: Tensor, new, old):
+    """``guard.select(ok, new, old)`` written into ``new``'s leaves where that is exact.
+
+    The leaves the core made this step (new factors, momenta, products) are owned by
+    nobody else: ``torch.where(..., out=new)`` then selects without a second copy of
+    them (for dense factors, four d x d matrices per layer less at the step's peak).
+    A leaf that shares storage with its old one, or that ``out=`` cannot take, is
+    selected out of place as before.
+    """
+    def pick(n, o):
+        if n is o or not isinstance(n, Tensor):
+            return n
+        if (n.is_contiguous() and n.shape == o.shape and n.dtype == o.dtype
+                and n.untyped_storage().data_ptr() != o.untyped_storage().data_ptr()):
+            return torch.where(ok, n, o, out=n)
+        return torch.where(ok, n, o)
+
+    return optree.tree_map(pick, new, old, namespace=PYTREE_NAMESPACE)
 
 
 def hyperparams(grp: Group, group: dict, due: bool) -> HyperParams:

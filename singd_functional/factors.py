@@ -30,19 +30,33 @@ class Factors(NamedTuple):
 def factor_directions(
     factors: Factors, stats: LayerStatistics, damping, *, kfac_like: bool, rho
 ) -> Factors:
-    """The Riemannian directions (D_K, D_C) before momentum."""
+    """The Riemannian directions (D_K, D_C) before momentum.
+
+    Each temporary is let go as soon as it is used (K^T K once D_K has it, each sum
+    once it has its diagonal): at most four factor-sized matrices are alive at once,
+    where computing both sides first kept six (dense: d x d each).
+    """
     # `.scale(s)` rather than `* s`: dynamo cannot trace `structured * tensor`
     K, C = factors
     H_K, H_C = stats
     KtK, CtC = K.gram(), C.gram()
     if kfac_like:
-        D_K = (H_K + KtK.scale(damping)).add_diag(-1.0)
-        D_C = (H_C + CtC.scale(damping)).add_diag(-1.0)
+        s_K, s_C = damping, damping
+        a_K = a_C = None
     else:
-        D_K = H_K.scale(H_C.average_trace()) + KtK.scale(damping * CtC.average_trace())
-        D_C = H_C.scale(H_K.average_trace()) + CtC.scale(damping * KtK.average_trace())
-        D_K, D_C = D_K.add_diag(-1.0), D_C.add_diag(-1.0)
-    return Factors(D_K.scale(rho), D_C.scale(rho))
+        s_K, s_C = damping * CtC.average_trace(), damping * KtK.average_trace()
+        a_K, a_C = H_C.average_trace(), H_K.average_trace()
+    D_K = _direction(H_K, a_K, KtK.scale(s_K), rho)
+    del KtK
+    D_C = _direction(H_C, a_C, CtC.scale(s_C), rho)
+    return Factors(D_K, D_C)
+
+
+def _direction(H: StructuredMatrix, a, damped: StructuredMatrix, rho) -> StructuredMatrix:
+    """rho ((a H | H) + damped - I), in the order of operations of docs/algorithm.md."""
+    D = (H if a is None else H.scale(a)) + damped
+    del damped
+    return D.add_diag(-1.0).scale(rho)
 
 
 def update_factors(
@@ -67,6 +81,7 @@ def update_factors(
         m = D
     else:
         m = Factors(momenta.K.scale(alpha1) + D.K, momenta.C.scale(alpha1) + D.C)
+    del D  # (the momenta hold it now): two factor-sized matrices less below
     beta_K = beta_C = lr_cov
     if normalize_lr_cov:
         beta_K = lr_cov / torch.clamp(m.K.max_abs(), min=1.0)

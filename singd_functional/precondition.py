@@ -37,21 +37,33 @@ def natural_gradient(
     """
     cached = cached or {}
     dtype = G.dtype
-    G = G.to(C.dtype)
-    left = cached["C"].matmat(G) if "C" in cached else C.outer_matmat(G)  # C C^T G
-    left = left.to(K.dtype)
-    # K K^T is symmetric: (C C^T G) K K^T is a row-form product, no transposed copies
-    D = cached["K"].matmat_right(left) if "K" in cached else K.outer_matmat_right(left)
-    return D.to(dtype)
+
+    def left(X: Tensor) -> Tensor:  # C C^T X
+        X = X.to(C.dtype)
+        return cached["C"].matmat(X) if "C" in cached else C.outer_matmat(X)
+
+    def right(X: Tensor) -> Tensor:  # X K K^T: K K^T is symmetric, a row-form product
+        X = X.to(K.dtype)
+        return cached["K"].matmat_right(X) if "K" in cached else K.outer_matmat_right(X)
+
+    if K.row_form_transposed:
+        # X K K^T comes out column-major (block-diagonal): form it first, so that the
+        # column-form C C^T (.) writes D in row order. A column-major D made every later
+        # elementwise pass over it (momentum, apply) stride across rows: the natural
+        # gradient plus one update of the weights measured 0.45-0.76x the other order's
+        # time at d = 513-2049 (block30diagonal, cached products).
+        return left(right(G)).to(dtype)
+    return right(left(G)).to(dtype)
 
 
 def outer_products(K: StructuredMatrix, C: StructuredMatrix) -> dict[str, StructuredMatrix]:
-    """The products K K^T and C C^T that stay in their structure (the others are left out)."""
+    """K K^T and C C^T in the forms worth keeping between factor updates
+    (``StructuredMatrix.outer_cache``; structures without one are left out)."""
     out = {}
-    if K.closed_under_outer:
-        out["K"] = K.outer_self()
-    if C.closed_under_outer:
-        out["C"] = C.outer_self()
+    for key, M in (("K", K), ("C", C)):
+        cache = M.outer_cache()
+        if cache is not None:
+            out[key] = cache
     return out
 
 

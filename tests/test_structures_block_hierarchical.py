@@ -252,3 +252,37 @@ def test_specialize_caches_and_validates():
         BlockDiagonal.eye(4)
     with pytest.raises(TypeError):
         structures.get("block3diagonal").eye(4) @ structures.get("block4diagonal").eye(4)
+
+
+@pytest.mark.parametrize("d", [1, 3, 5, 6, 11, 20])
+def test_hierarchical_outer_cache_is_K_Kt(d):
+    """Hierarchical.outer_cache(): its dense form is K K^T, its products (eager, under
+    vmap, under autograd, and their transposes) equal the dense ones, it survives a
+    pickle round trip, and precondition.outer_products keeps it for K and C."""
+    import pickle
+
+    from singd_functional.precondition import outer_products
+
+    T = structures.get("hierarchical3_2")
+    K = _rand(T, d)
+    KKt = K.to_dense() @ K.to_dense().T
+    cache = K.outer_cache()
+    _close(cache.to_dense(), KKt, 1e-12)
+    assert cache.dim == d and cache.dtype == DT
+    X, Z = torch.randn(d, 4, dtype=DT), torch.randn(4, d, dtype=DT)
+    for op in ("matmat", "rmatmat"):
+        _close(getattr(cache, op)(X), KKt @ X, 1e-12)
+        _close(getattr(cache, op)(Z.mT), KKt @ Z.mT, 1e-12)  # a transposed operand
+    for op in ("matmat_right", "rmatmat_right"):
+        _close(getattr(cache, op)(Z), Z @ KKt, 1e-12)
+    batched = torch.func.vmap(cache.matmat_right)(Z[None])[0]
+    assert torch.allclose(batched, cache.matmat_right(Z), rtol=0, atol=1e-13)
+    Zg = Z.clone().requires_grad_(True)
+    cache.matmat_right(Zg).sum().backward()
+    _close(Zg.grad, torch.ones_like(Z) @ KKt, 1e-12)
+    again = pickle.loads(pickle.dumps(cache))
+    assert type(again) is type(cache)
+    assert all(torch.equal(a, b) for a, b in zip(again.leaves, cache.leaves))
+    products = outer_products(K, K)
+    assert set(products) == {"K", "C"}
+    _close(products["K"].to_dense(), KKt, 1e-12)

@@ -15,6 +15,7 @@ import torch
 
 from singd_functional import PYTREE_NAMESPACE as NS
 from singd_functional import structures
+from singd_functional.precondition import natural_gradient, outer_products
 from tests._dense_projection import project
 from tests.test_structures import CASES, IDS, SIZES, TOL, close, random_member
 
@@ -169,3 +170,22 @@ def test_hot_path_compiles_without_graph_breaks(name):
     for a, r in zip(optree.tree_leaves(compiled(K, X, G), namespace=NS),
                     optree.tree_leaves(step(K, X, G), namespace=NS)):
         close(a, r, 1e-12)
+
+
+@pytest.mark.parametrize(("name", "d"), CASES, ids=IDS)
+def test_natural_gradient_matches_dense_and_comes_out_in_row_order(name, d):
+    """precondition.natural_gradient (C C^T G K K^T, cached products and fused ones)
+    equals the dense product; D is row-major (contiguous) like the weights it updates,
+    where the structure's products allow (a column-major D made every later
+    elementwise pass stride across rows). The Toeplitz products are not yet in row
+    order and are only checked for their values."""
+    T = structures.get(name)
+    K, C = random_member(T, d + 1), random_member(T, d)
+    G = torch.randn(d, d + 1, dtype=torch.float64)
+    Kd, Cd = K.to_dense(), C.to_dense()
+    expected = Cd @ Cd.mT @ G @ Kd @ Kd.mT
+    for cached in ({}, outer_products(K, C)):
+        D = natural_gradient(K, C, G, cached)
+        close(D, expected, 1e-12)
+        if "toeplitz" not in name:
+            assert D.is_contiguous(), (name, bool(cached), D.stride())

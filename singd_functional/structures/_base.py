@@ -41,6 +41,10 @@ class StructuredMatrix:
     #: True when K K^T stays in the structure (then :meth:`outer_self` exists and the
     #: optimizer may cache the products C C^T and K K^T between factor updates).
     closed_under_outer: ClassVar[bool] = False
+    #: True when the row forms (``X @ K``, :meth:`matmat_right` ...) return a
+    #: column-major result (a transposed view); the natural gradient then applies the K
+    #: side first, so that D comes out in row order (see ``precondition.natural_gradient``).
+    row_form_transposed: ClassVar[bool] = False
 
     def __init__(self, *leaves: Tensor):
         if len(leaves) != len(self._fields):
@@ -159,6 +163,16 @@ class StructuredMatrix:
         """self @ self^T, exactly, for structures with ``closed_under_outer``."""
         raise TypeError(f"{self.name}: K K^T is not in the structure")
 
+    def outer_cache(self) -> StructuredMatrix | None:
+        """self @ self^T in a form worth keeping between factor updates, or None.
+
+        The optimizer keeps it (``precondition.outer_products``) and calls only its
+        ``matmat`` / ``matmat_right``. By default :meth:`outer_self` where the structure
+        is ``closed_under_outer``; a structure whose K K^T leaves it may return a
+        product type of its own (hierarchical).
+        """
+        return self.outer_self() if self.closed_under_outer else None
+
     def add_diag(self, value: Scalar) -> StructuredMatrix:
         """self + value * I."""
         raise NotImplementedError
@@ -271,6 +285,18 @@ def _eager(*tensors: Tensor) -> bool:
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _broadcast_shapes(*shapes: torch.Size) -> torch.Size:
+    """``torch.broadcast_shapes`` of batch shapes, returning at once when they are equal
+    (the usual case: unbatched, or every leaf with the same batch). torch's own goes
+    through its symbolic-shape checks on every call: 0.25-1 ms per call measured
+    (torch 2.13, CPU, loaded machine), 48 calls per hierarchical statistics step of a
+    two-layer model; the comparison here costs well under a microsecond."""
+    first = shapes[0]
+    if all(s == first for s in shapes[1:]):
+        return first
+    return torch.broadcast_shapes(*shapes)
 
 
 def _eye_like(n: int, like: Tensor) -> Tensor:

@@ -9,7 +9,9 @@ and one plain matmul for the trailing block; nothing d x d is formed except in
 ``rmatmat`` and ``gram`` use each block's transpose. The row forms ``X K`` / ``X K^T``
 are the transposed column forms on X^T (a view): the batched matmul reads the
 transposed blocks of X in place and writes X K in column-major order, which measured
-faster than a row-major result (a permuted copy) or a Python loop over the blocks.
+faster than a row-major result (a permuted copy) or a Python loop over the blocks;
+``row_form_transposed`` tells ``precondition.natural_gradient`` to form ``G K K^T`` first
+so that its last product, the column form ``C C^T (.)``, writes D in row order.
 ``K K^T X`` forms the blocks of K K^T first when that is cheaper (B <= n).
 Outside vmap, grad and torch.compile, an unbatched product writes the full blocks and the
 trailing block straight into one output (``out=``) instead of joining two results (a copy
@@ -24,7 +26,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._base import Scalar, StructuredMatrix, _add_diag, _eager, _eye_like, _resolve
+from ._base import (
+    Scalar,
+    StructuredMatrix,
+    _add_diag,
+    _broadcast_shapes,
+    _eager,
+    _eye_like,
+    _resolve,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -73,13 +83,15 @@ class BlockDiagonal(StructuredMatrix):
         B, nb = self.block_size, self._nb
         m = nb * B
         blocks, last = (self.blocks.mT, self.last.mT) if transpose else (self.blocks, self.last)
-        Xm = X[..., :m, :]
-        Xm = Xm.reshape(*Xm.shape[:-2], nb, B, Xm.shape[-1])
         if nb and last.shape[-1] and _plain(X, blocks, last):
-            out = X.new_empty(X.shape[-2], X.shape[-1], dtype=torch.result_type(X, blocks))
-            torch.bmm(blocks, Xm, out=out[:m].view(nb, B, X.shape[-1]))
+            # the hot path, with the fewest Python-level tensor ops (each costs microseconds)
+            d, n = X.shape
+            out = X.new_empty(d, n)  # _plain: one dtype
+            torch.bmm(blocks, X[:m].reshape(nb, B, n), out=out[:m].view(nb, B, n))
             torch.mm(last, X[m:], out=out[m:])
             return out
+        Xm = X[..., :m, :]
+        Xm = Xm.reshape(*Xm.shape[:-2], nb, B, Xm.shape[-1])
         top = blocks @ Xm
         top = top.reshape(*top.shape[:-3], m, top.shape[-1])
         if self.last.shape[-1] == 0:  # no trailing block: no concatenation (a copy)
@@ -87,7 +99,7 @@ class BlockDiagonal(StructuredMatrix):
         bottom = last @ X[..., m:, :]
         if nb == 0:
             return bottom
-        batch = torch.broadcast_shapes(top.shape[:-2], bottom.shape[:-2])
+        batch = _broadcast_shapes(top.shape[:-2], bottom.shape[:-2])
         top = top.expand(*batch, *top.shape[-2:])
         bottom = bottom.expand(*batch, *bottom.shape[-2:])
         return torch.cat([top, bottom], dim=-2)
@@ -134,7 +146,7 @@ class BlockDiagonal(StructuredMatrix):
         blocks, last = self.blocks, self.last
         B, nb, r = self.block_size, self._nb, last.shape[-1]
         m = nb * B
-        batch = torch.broadcast_shapes(blocks.shape[:-3], last.shape[:-2])
+        batch = _broadcast_shapes(blocks.shape[:-3], last.shape[:-2])
         blocks = blocks.expand(*batch, nb, B, B)
         last = last.expand(*batch, r, r)
         # [..., i, a, j, b] = delta_ij * blocks[..., i, a, b]
@@ -208,6 +220,7 @@ def _specialize(block_size: int) -> type[BlockDiagonal]:
             "block_size": block_size,
             "_fields": ("blocks", "last"),
             "closed_under_outer": True,
+            "row_form_transposed": True,
             "__module__": __name__,
             "__qualname__": qualname,
             "__doc__": f"Block-diagonal with {block_size} x {block_size} blocks "
