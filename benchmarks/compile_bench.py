@@ -18,14 +18,26 @@ float32, one thread:
 Then the same for the vmapped sweep (``sf.make_sweep``, N = 8, dense): eager vs
 ``sweep.compile(fullgraph=True)``.
 
+``--dropin``: instead, the drop-in ``sf.SINGD(model, ..., compile=True)`` (its own
+per-layer functions compiled, the model eager) against ``sf.SINGD`` eager, on the MLP
+784-512-512-10 of ``benchmarks/models.py``, batch 128, T = 10, an ``lr_cov`` schedule
+(a new value at every factor update) and a learning rate changed every step; per
+structure (:data:`DROPIN_STRUCTURES`): the cold compile time (first T-cycle, a fresh
+inductor cache per structure), the graphs compiled (unique graphs: no recompiles), the
+steady-state step-time ratio compiled / eager (medians of interleaved T-cycles, thread
+CPU time) and the largest relative parameter difference. :func:`dropin_rows` is the
+entry point for other harnesses (``benchmarks.run``).
+
 Usage::
 
     python -m benchmarks.compile_bench                  # every structure; long (C++ builds)
     python -m benchmarks.compile_bench --quick          # dense, hierarchical3_2 + the sweep
     python -m benchmarks.compile_bench --structures dense diagonal --no-sweep
+    python -m benchmarks.compile_bench --dropin         # the drop-in's compile=True rows
 
-Writes ``compile_bench.md``, ``.json`` and ``.png`` into ``benchmarks/results/`` (or
-``--out``) and prints their paths.
+Writes ``compile_bench.md``, ``.json`` and ``.png`` (``--dropin``:
+``compile_dropin.md`` and ``.json``) into ``benchmarks/results/`` (or ``--out``) and
+prints their paths.
 """
 
 from __future__ import annotations
@@ -54,6 +66,10 @@ def parse(argv):
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--warm-cache", action="store_true", help="reuse the inductor cache")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--dropin", action="store_true",
+                        help="the drop-in SINGD(compile=True) vs eager on the MLP 784-512-512-10")
+    parser.add_argument("--dropin-model", choices=("mlp", "small"), default="mlp",
+                        help="with --dropin: 'small' is the MLP 64-128-128-10, batch 64")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     return parser.parse_args(argv)
 
@@ -183,6 +199,138 @@ def bench_sweep(rounds: int, n: int = 8) -> dict:
     return out
 
 
+DROPIN_STRUCTURES = ("dense", "diagonal", "block30diagonal", "hierarchical15_15", "triltoeplitz")
+
+
+def _dropin_cycle(opt, model, x, y, T: int, t0: int) -> list[tuple[float, float]]:
+    """T steps (one with statistics first): (thread CPU s, wall s) of each ``step()``."""
+    from benchmarks import models
+
+    times = []
+    for t in range(t0, t0 + T):
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * (1 + 0.01 * t)  # a new Python float every step
+        opt.zero_grad(set_to_none=True)
+        models.loss_fn(model(x), y).backward()
+        _, c, w = clocked(opt.step)
+        times.append((c, w))
+    return times
+
+
+def _dropin_model(model: str):
+    """(module, inputs, targets): ``"mlp"`` (784-512-512-10, batch 128) or ``"small"``
+    (the MLP 64-128-128-10, batch 64, of the pure-core rows above)."""
+    from benchmarks import models
+
+    g = torch.Generator().manual_seed(0)
+    if model == "small":
+        return (make_mlp(128, 0), torch.randn(BATCH, D_IN, generator=g),
+                torch.randint(0, CLASSES, (BATCH,), generator=g))
+    return (models.build(model, 0), torch.randn(128, 784, generator=g),
+            torch.randint(0, 10, (128,), generator=g))
+
+
+def bench_dropin(structure: str, rounds: int, T: int = 10, fresh_cache: bool = True,
+                 model: str = "mlp") -> dict:
+    """One structure: ``sf.SINGD(..., compile=True)`` vs eager (see the module doc)."""
+    import random
+
+    import torch._dynamo.utils
+
+    torch._dynamo.reset()
+    if fresh_cache:  # inductor reads it at every compile: this structure compiles cold
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="singd_compile_dropin_")
+    hp = dict(lr=1e-3, momentum=0.9, damping=1e-3, alpha1=0.5, weight_decay=0.0,
+              lr_cov=lambda t: 1e-2 / (1 + t / 100))
+    nets, (x, y) = {}, (None, None)
+    for side in ("eager", "compiled"):
+        nets[side], x, y = _dropin_model(model)
+    opts = {side: sf.SINGD(nets[side], T=T, structures=structure, compile=side == "compiled", **hp)
+            for side in nets}
+    graphs0 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    first = {side: _dropin_cycle(opts[side], nets[side], x, y, T, 0) for side in nets}
+    out = {
+        "structure": structure, "model": model, "T": T, "rounds": rounds,
+        # the compiled side's first cycle beyond the eager one: compiling
+        "compile_s": sum(w for _, w in first["compiled"]) - sum(w for _, w in first["eager"]),
+        "compile_s_stats": first["compiled"][0][1], "compile_s_plain": first["compiled"][1][1],
+        "kernels": len(opts["compiled"]._kernels),
+    }
+    graphs1 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    cycles: dict[str, list[list[tuple[float, float]]]] = {side: [] for side in nets}
+    order = list(nets)
+    rng = random.Random(0)
+    for r in range(rounds):
+        rng.shuffle(order)
+        for side in order:
+            cycles[side].append(_dropin_cycle(opts[side], nets[side], x, y, T, T * (r + 1)))
+    out["graphs"] = graphs1 - graphs0
+    out["recompiles"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs1
+    out["failure"] = opts["compiled"]._kernels.failure
+    for side in nets:
+        out[f"{side}_cpu_ms_cycle"] = median_ms([sum(c for c, _ in cyc) / T for cyc in cycles[side]])
+        out[f"{side}_cpu_ms_stats"] = median_ms([cyc[0][0] for cyc in cycles[side]])
+        out[f"{side}_cpu_ms_plain"] = median_ms([c for cyc in cycles[side] for c, _ in cyc[1:]])
+    pairs = [sum(c for c, _ in a) / sum(c for c, _ in b)
+             for a, b in zip(cycles["compiled"], cycles["eager"])]
+    q = statistics.quantiles(pairs, n=4, method="inclusive") if len(pairs) > 1 else pairs * 3
+    out["ratio_T10"], out["ratio_q25"], out["ratio_q75"] = statistics.median(pairs), q[0], q[2]
+    for name in ("stats", "plain"):
+        out[f"ratio_{name}"] = out[f"compiled_cpu_ms_{name}"] / out[f"eager_cpu_ms_{name}"]
+    pe, pc = (dict(nets[side].named_parameters()) for side in ("eager", "compiled"))
+    out["max_rel_diff"] = max(((pc[k] - pe[k]).norm() / pe[k].norm()).item() for k in pe)
+    return out
+
+
+def dropin_rows(structures=DROPIN_STRUCTURES, rounds: int = 20, T: int = 10,
+                model: str = "mlp") -> list[dict]:
+    """:func:`bench_dropin` for each structure (one thread, denormals flushed)."""
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    rows = []
+    for structure in structures:
+        r = bench_dropin(structure, rounds, T, model=model)
+        rows.append(r)
+        print(f"drop-in {model} {structure}: compile {r['compile_s']:.0f} s, {r['graphs']} graphs "
+              f"(+{r['recompiles']} later), compiled/eager {r['ratio_T10']:.2f} "
+              f"[{r['ratio_q25']:.2f}, {r['ratio_q75']:.2f}] (stats {r['ratio_stats']:.2f}, "
+              f"plain {r['ratio_plain']:.2f}), diff {r['max_rel_diff']:.1e}", flush=True)
+    return rows
+
+
+def dropin_markdown(rows: list[dict], env: dict) -> str:
+    """The drop-in rows as the Markdown page ``compile_dropin.md``."""
+    header = ["structure", "compile s (cold)", "graphs", "later recompiles", "eager ms/step",
+              "compiled ms/step", "compiled / eager (T=10)", "[q25, q75]", "statistics step",
+              "plain step", "max rel diff"]
+    cells = [[r["structure"], f"{r['compile_s']:.0f}", r["graphs"], r["recompiles"],
+              f"{r['eager_cpu_ms_cycle']:.2f}", f"{r['compiled_cpu_ms_cycle']:.2f}",
+              f"{r['ratio_T10']:.2f}", f"[{r['ratio_q25']:.2f}, {r['ratio_q75']:.2f}]",
+              f"{r['ratio_stats']:.2f}", f"{r['ratio_plain']:.2f}", f"{r['max_rel_diff']:.1e}"]
+             for r in rows]
+    failures = [f"- {r['structure']}: {r['failure']}" for r in rows if r.get("failure")]
+    rounds = rows[0]["rounds"] if rows else 0
+    model = ("MLP 64-128-128-10, batch 64" if rows and rows[0]["model"] == "small"
+             else "MLP 784-512-512-10, batch 128")
+    return f"""# The drop-in `sf.SINGD(..., compile=True)` (CPU, inductor)
+
+{model}, T = 10, float32, one thread; the optimizer's per-layer
+functions compiled (factor update, preconditioned direction), the model eager. The
+learning rate changes every step and `lr_cov` at every factor update (a schedule): no
+recompiles. "compile s" is the first T-cycle's wall time beyond eager's, with a fresh
+inductor cache per structure (C++ builds included); step times are medians over
+{rounds} interleaved T-cycles (thread CPU time, ms per step, `step()` only: the
+forward and backward pass are not in them); "compiled / eager" is the median of the
+per-round paired ratios of whole cycles, with its quartiles.
+torch {env['torch']}, {env['cores']} cores; load average {env['load_average'][0]:.1f} at
+start, {env['load_average_end'][0]:.1f} at the end (other processes share the cores,
+which lengthens the compile times most).
+
+{table(cells, header)}
+{chr(10).join(failures)}
+"""
+
+
 def table(rows, header):
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -220,7 +368,27 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def main_dropin(args=ARGS):
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "cores": os.cpu_count(), "load_average": os.getloadavg()}
+    t0 = time.time()
+    rows = dropin_rows(args.structures or DROPIN_STRUCTURES, args.rounds or 20,
+                       model=args.dropin_model)
+    env["load_average_end"] = os.getloadavg()
+    env["seconds"] = round(time.time() - t0, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "compile_dropin" if args.dropin_model == "mlp" else f"compile_dropin_{args.dropin_model}"
+    paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "json")}
+    paths["json"].write_text(json.dumps({"environment": env, "structures": rows}, indent=2))
+    paths["md"].write_text(dropin_markdown(rows, env))
+    for p in paths.values():
+        print(p)
+
+
 def main(args=ARGS):
+    if args.dropin:
+        return main_dropin(args)
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     structures = args.structures or (["dense", "hierarchical3_2"] if args.quick else FAMILIES)

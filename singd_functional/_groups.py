@@ -59,6 +59,8 @@ class Group:
     locked: tuple
     keeps_momenta: bool
     transforms: dict = dataclasses.field(default_factory=dict)
+    # the optimizer's compiled per-layer functions (_compile.Kernels), None: eager
+    kernels: Any = None
 
     def weight(self, layer: Layer) -> Tensor:
         return self.params[layer.info.weight]
@@ -145,15 +147,17 @@ def build_group(optimizer, index: int, group: dict[str, Any]) -> Group:
             layer.handle = layer.module.register_forward_hook(hook, with_kwargs=True,
                                                               prepend=True)
         hook.add(layer)
-    return Group(index, layers, params, locked(group), bool(state.momenta))
+    return Group(index, layers, params, locked(group), bool(state.momenta),
+                 kernels=optimizer._kernels)
 
 
-def transform(group: dict[str, Any], layers: tuple[LayerInfo, ...], alpha1
+def transform(group: dict[str, Any], layers: tuple[LayerInfo, ...], alpha1, kernels=None
               ) -> GradientTransformation:
     """The pure core for ``layers`` with the group's static entries.
 
     The numbers are passed again at every step (HyperParams); ``alpha1`` here only
-    decides whether the transform keeps Riemannian momenta (alpha1 != 0).
+    decides whether the transform keeps Riemannian momenta (alpha1 != 0). ``kernels``:
+    see :func:`~singd_functional.singd` (the optimizer's compiled functions, or None).
     """
     return singd(
         layers,
@@ -164,6 +168,7 @@ def transform(group: dict[str, Any], layers: tuple[LayerInfo, ...], alpha1
         normalize_lr_cov=group["normalize_lr_cov"],
         preconditioner_dtype=group["preconditioner_dtype"],
         cache_preconditioner=group["T"] > 1,
+        kernels=kernels,
     )
 
 
@@ -173,7 +178,8 @@ def group_transform(grp: Group, group: dict, active: tuple[Layer, ...]) -> Gradi
     tx = grp.transforms.get(key)
     if tx is None:
         alpha1 = 0.5 if grp.keeps_momenta else 0.0
-        tx = grp.transforms[key] = transform(group, tuple(l.info for l in active), alpha1)
+        tx = grp.transforms[key] = transform(group, tuple(l.info for l in active), alpha1,
+                                             grp.kernels)
     return tx
 
 

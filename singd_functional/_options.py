@@ -126,3 +126,13 @@ def check_init_grad_scale(value: Any) -> float:
             f"first backward pass: 1.0 without GradScaler, its init_scale with one), got {number}"
         )
     return number
+
+
+def check_compile(value: Any) -> bool:
+    """``compile``: a bool (the drop-in's own per-layer functions compiled, or not)."""
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"compile must be True (compile SINGD's per-layer functions with torch.compile; "
+            f"docs/compile.md) or False (eager, the default), got {value!r}"
+        )
+    return value

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _checkpoint, _distributed, _fsdp, _options, _recording, _step
+from . import _checkpoint, _compile, _distributed, _fsdp, _options, _recording, _step
 from ._groups import (
     Group,
     all_layers,
@@ -103,6 +103,13 @@ class SINGD(OfficialNames, torch.optim.Optimizer):
             (per param group); every process still ends each step with the same
             parameters and state.
             Pays for wide dense layers and small T (docs/distributed.md).
+        compile: compile SINGD's own per-layer functions (the factor update and the
+            preconditioned direction, one graph per layer shape and structure) with
+            ``torch.compile(fullgraph=True, dynamic=False)``; the model is not
+            compiled. The first step of each kind compiles (seconds to minutes on a
+            CPU, docs/compile.md: when it pays); changing hyperparameters do not
+            recompile. If compiling fails, one warning names the reason and the
+            optimizer runs eager, with the same numbers.
 
     Non-finite steps: a step whose gradients or Kronecker statistics hold a NaN or an
     inf (one bad input row, a NaN loss, one bad micro-batch, an activation whose square
@@ -166,7 +173,10 @@ class SINGD(OfficialNames, torch.optim.Optimizer):
         init_grad_scale: float = 1.0,
         normalize_lr_cov: bool = False,
         split_work: bool = False,
+        compile: bool = False,
     ):
+        # the compiled per-layer functions, shared by all param groups (None: eager)
+        self._kernels = _compile.Kernels() if _options.check_compile(compile) else None
         if not isinstance(model, nn.Module):
             raise TypeError(f"SINGD(model, ...): model must be an nn.Module, got {type(model)}")
         if isinstance(model, nn.DataParallel) and len(model.device_ids or ()) > 1:

@@ -17,6 +17,7 @@ sweeps) read by name, and one Python pass per step.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -152,6 +153,47 @@ def _check_layers(layers: tuple[LayerInfo, ...]) -> None:
             owner[key] = info.name
 
 
+# ``wrap(key, fn) -> fn'``: what ``singd(kernels=...)`` takes; ``key`` names all that
+# ``fn`` depends on (the drop-in's ``compile=True`` returns one compiled ``fn`` per key).
+KernelWrapper = Callable[[tuple, Callable], Callable]
+
+
+def _factor_update_kernel(factors: Factors, keeps_momenta, kfac_like, normalize_lr_cov, cache,
+                          wrap) -> Callable:
+    """``fn(factors, momenta, stats, damping, alpha1, lr_cov) -> (factors, momenta,
+    products)`` for factors like ``factors`` (the unit ``kernels`` may replace)."""
+    K, C = factors
+    # only the structures and sides: layers of one signature share one key (one graph)
+    key = ("factor update", type(K), K.dim, type(C), C.dim, keeps_momenta, kfac_like,
+           normalize_lr_cov, cache)
+
+    def factor_update(factors, momenta, stats, damping, alpha1, lr_cov):
+        new, m = update_factors(
+            factors, momenta, stats, damping=damping, alpha1=alpha1, lr_cov=lr_cov,
+            kfac_like=kfac_like, normalize_lr_cov=normalize_lr_cov,
+        )  # fmt: skip
+        return new, m, (outer_products(*new) if cache else {})
+
+    return factor_update if wrap is None else wrap(key, factor_update)
+
+
+def _direction_kernel(info: LayerInfo, types, cache, wrap) -> Callable:
+    """``fn(K, C, products, grad_W, grad_b) -> (dW, db)``: C C^T G K K^T split back into
+    the weight's and bias's shapes (db None without bias)."""
+    # the layer's static description without its names: layers of one signature share
+    # one key (and one compiled graph)
+    layer = dataclasses.replace(info, name="", weight="weight", module="",
+                                bias=None if info.bias is None else "bias")
+
+    def direction(K, C, products, grad_W, grad_b):
+        grads = {"weight": grad_W} if grad_b is None else {"weight": grad_W, "bias": grad_b}
+        D = natural_gradient(K, C, layer_gradient_matrix(layer, grads), products)
+        out = split_layer_update(layer, D, grads)
+        return out["weight"], out.get("bias")
+
+    return direction if wrap is None else wrap(("direction", layer, *types, cache), direction)
+
+
 class _Kronecker(NamedTuple):
     """The preconditioning stage as plain functions (shared by the two transforms)."""
 
@@ -172,6 +214,7 @@ def _kronecker(
     preconditioner_dtype,
     cache_preconditioner,
     process_group: ProcessGroupArg = None,
+    kernels: KernelWrapper | None = None,
 ) -> _Kronecker:
     layers = tuple(layers)
     if kfac_approx not in KFAC_APPROXES:
@@ -181,6 +224,14 @@ def _kronecker(
     struct_types = resolve_structures(layers, structures)
     keeps_momenta = not kfac_like and not (isinstance(alpha1, numbers.Real) and alpha1 == 0)
     dtype_K, dtype_C = preconditioner_dtype
+
+    def factor_kernel(factors: Factors, momenta) -> Callable:
+        return _factor_update_kernel(factors, momenta is not None, kfac_like, normalize_lr_cov,
+                                     cache_preconditioner, kernels)
+
+    directions_of = {info.name: _direction_kernel(info, struct_types[info.name],
+                                                  cache_preconditioner, kernels)
+                     for info in layers}
 
     def init(params: Mapping[str, Tensor]) -> KroneckerState:
         factors, momenta = {}, {}
@@ -256,26 +307,25 @@ def _kronecker(
             for name, stats in statistics.items():
                 if name not in factors:
                     raise KeyError(f"statistics for unknown layer {name!r}")
-                factors[name], m = update_factors(
-                    factors[name],
-                    momenta.get(name),
-                    stats,
-                    damping=damping,
-                    alpha1=alpha1,
-                    lr_cov=beta,
-                    kfac_like=kfac_like,
-                    normalize_lr_cov=normalize_lr_cov,
+                # (a layer outside `layers` may come with statistics: split_work)
+                update = factor_kernel(factors[name], momenta.get(name))
+                factors[name], m, new_products = update(
+                    factors[name], momenta.get(name), stats, damping, alpha1, beta
                 )
                 if m is not None:
                     momenta[name] = m
                 if cache_preconditioner:
-                    products[name] = outer_products(*factors[name])
+                    products[name] = new_products
 
         directions = {k: grads[k] for k in keys}
         for info in layers:
-            G = layer_gradient_matrix(info, grads)
-            D = natural_gradient(*factors[info.name], G, products.get(info.name))
-            directions.update(split_layer_update(info, D, grads))
+            dW, db = directions_of[info.name](
+                *factors[info.name], products.get(info.name),
+                grads[info.weight], None if info.bias is None else grads[info.bias],
+            )  # fmt: skip
+            directions[info.weight] = dW
+            if info.bias is not None:
+                directions[info.bias] = db
         if not (isinstance(grad_scale, (int, float)) and grad_scale == 1):
             directions = {k: d / grad_scale for k, d in directions.items()}
         return directions, KroneckerState(state.count + 1, factors, momenta, products)
@@ -361,6 +411,7 @@ def singd(
     fallback: GradientTransformation | None = None,
     cache_preconditioner: bool = False,
     process_group: ProcessGroupArg = None,
+    kernels: KernelWrapper | None = None,
 ) -> GradientTransformation:
     """SINGD (Lin et al., ICML 2024) as a pure transform over parameter dicts.
 
@@ -411,6 +462,12 @@ def singd(
             averages them) W processes step like one on the concatenated batch
             (docs/distributed.md). A layer some process did not capture gets the
             others' statistics. Not for vmap / compile (a collective, one host sync).
+        kernels: None, or ``wrap(key, fn) -> fn'``, called once per layer for each of
+            its two per-step functions (the factor update with its cached products,
+            and the preconditioned direction); ``key`` is a hashable tuple naming
+            everything ``fn`` depends on (equal for layers of one shape, kind and
+            structure), ``fn'`` must compute what ``fn`` does. The drop-in's
+            ``SINGD(compile=True)`` passes one that compiles each key once.
 
     Returns:
         ``GradientTransformation`` with
@@ -432,6 +489,7 @@ def singd(
     kron = _kronecker(
         layers, alpha1, structures, kfac_approx, loss_average, kfac_like,
         normalize_lr_cov, preconditioner_dtype, cache_preconditioner, process_group,
+        kernels,
     )  # fmt: skip
     layer_params = kron.layer_params
     extras = _KRON_EXTRAS | (fallback.extras if fallback is not None else frozenset())

@@ -109,7 +109,9 @@ class BlockDiagonal(StructuredMatrix):
     def eye(cls, dim: int, dtype: torch.dtype | None = None, device: Any = None) -> Self:
         nb, r = cls._split(dim)
         B, dtype = cls.block_size, _resolve(dtype)
-        blocks = torch.eye(B, dtype=dtype, device=device).expand(nb, B, B).clone()
+        # repeat, not expand + clone: a clone keeps an expanded size-1 dimension's stride 0,
+        # which the updated factors do not have (a recompile under torch.compile)
+        blocks = torch.eye(B, dtype=dtype, device=device).repeat(nb, 1, 1)
         return cls(blocks, torch.eye(r, dtype=dtype, device=device))
 
     @classmethod
