@@ -69,12 +69,15 @@ def _work(structure: str) -> dict:
 
 def _row(structure: str, times: dict[str, list[float]], conv_layers) -> dict:
     med = {k: quantiles(v)[1] for k, v in times.items()}
+    # the spread: quartiles of the per-repetition shares (both timed in the same repetition)
+    share_q = quantiles([a / b for a, b in zip(times["conv_stats"], times["update"])])
     amortized = (med["update"] + 9 * med["plain"]) / 10
     return {
         "structure": structure,
         **{f"{k}_ms": v for k, v in med.items()},
         "amortized_ms": amortized,
         "conv_stats_of_update": med["conv_stats"] / med["update"],
+        "conv_stats_of_update_spread": [share_q[0], share_q[2]],
         "conv_rows_of_update": med["conv_rows"] / med["update"],
         "conv_stats_of_amortized": med["conv_stats"] / (10 * amortized),
         "conv_layers": conv_layers,

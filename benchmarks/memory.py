@@ -1,13 +1,17 @@
 """Peak resident-memory growth per step, measured in a child process.
 
-``python -m benchmarks.memory '<json list of [kind, model, structure, method]>'`` prints
-one JSON list (a config ``[kind, model, structure, method, T, steps]``: see
-:func:`measure_steps`). The parent (``benchmarks.run``) starts it with glibc's mmap threshold
-fixed low (``MALLOC_MMAP_THRESHOLD_``), so that every tensor larger than 64 KiB is its
-own mapping and is returned to the OS when freed: the resident set size then follows
-the live tensors, and its peak during a step is the step's working memory. The child
-runs each contender with T = 2 (step 0: statistics update, untimed warm-up; step 1:
-plain step; step 2: update step) while a thread samples the RSS every ~0.2 ms.
+``python -m benchmarks.memory '<json list of [kind, model, structure, method(, T(, steps))]>'``
+prints one JSON list. The parent (``benchmarks.run``) starts it with glibc's mmap
+threshold fixed low (``MALLOC_MMAP_THRESHOLD_``) and one malloc arena
+(``MALLOC_ARENA_MAX=1``: the sampler thread's allocations land where the step's do), so
+that every tensor larger than 64 KiB is its own mapping and is returned to the OS when
+freed: the resident set size then follows the live tensors, and its peak during a step
+is the step's working memory above the optimizer state (repeatable to ~0.1 MiB). The
+child runs each contender with its T (default 10, issue 14's table) for two untimed
+warm-up steps, then ``steps`` steps (default :func:`default_steps`: one T-cycle, at
+least two steps; for T = 10 steps 2..11, i.e. the statistics step 10 and nine plain
+ones) in which a thread samples the RSS every ~0.2 ms; per kind of step (``statistics``
+update, ``plain``) the largest peak is reported, and every sample beside it.
 
 Doing this in the timing process would slow every allocation there (one mmap each),
 hence the separate process.
@@ -23,6 +27,14 @@ import threading
 import time
 
 MMAP_THRESHOLD = 65536
+WARMUP = 2  # untimed steps before the sampled ones (they build lazily created state)
+STEP_KINDS = ("statistics", "plain")  # the keys of a row: f"{kind}_peak_bytes", ..._samples
+
+
+def default_steps(T: int) -> int:
+    """Sampled steps of a contender at T: one T-cycle (one statistics step and T - 1 plain
+    ones after the warm-up), at least two."""
+    return max(T, 2)
 
 
 def _rss_reader():
@@ -70,8 +82,9 @@ class PeakSampler:
 
 
 def measure(configs: list[list]) -> list[dict]:
-    if configs and len(configs[0]) > 4:
-        return measure_steps(configs)
+    """One row per config: its identity, ``steps``, and per kind of step in
+    :data:`STEP_KINDS` that occurred ``<kind>_peak_bytes`` (the largest) and
+    ``<kind>_peak_samples`` (every step's peak above the RSS before it); or ``error``."""
     import gc
 
     import torch
@@ -83,64 +96,31 @@ def measure(configs: list[list]) -> list[dict]:
     torch.set_flush_denormal(True)
     sys.setswitchinterval(1e-4)  # let the sampler thread in during Python-heavy code
     out = []
-    for kind, model, structure, method in configs:
-        row = {"kind": kind, "model": model, "structure": structure, "method": method}
+    for cfg in configs:
+        kind, model, structure, method = cfg[:4]
+        T = cfg[4] if len(cfg) > 4 else 10
+        steps = cfg[5] if len(cfg) > 5 else default_steps(T)
+        row = {"kind": kind, "model": model, "structure": structure, "method": method, "T": T,
+               "steps": steps}
         c = None
         try:
             batch = models.batches(model, 1)[0]
-            c = make(Config(kind, model, 2, structure, method))
-            c.prepare(*batch)
-            c.step(*batch)  # step 0 (update): builds lazily created state
-            for label in ("plain", "update"):
-                c.model.zero_grad(set_to_none=True)  # the baseline holds no gradients
-                gc.collect()
-                with PeakSampler() as s:
-                    c.step(*batch)
-                row[f"{label}_peak_bytes"] = s.peak - s.before
-            row["rss_after_bytes"] = s.read()
-        except Exception as err:
-            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-        out.append(row)
-        c = None
-        gc.collect()
-    return out
-
-
-def measure_steps(configs: list[list]) -> list[dict]:
-    """Per config ``[kind, model, structure, method, T, steps]``: two warm-up steps, then
-    ``steps`` steps, each sampled on its own; the row holds the largest peak of the
-    statistics steps (``step % T == 0``) and of the plain ones (issue 14's table: two
-    Linear(2048, 2048), batch 128, T = 1 and 10)."""
-    import gc
-
-    import torch
-
-    from . import models
-    from .contenders import Config, make
-
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    sys.setswitchinterval(1e-4)
-    out = []
-    for kind, model, structure, method, T, steps in configs:
-        row: dict = {"kind": kind, "model": model, "structure": structure, "method": method,
-                     "T": T, "steps": steps}
-        c = None
-        try:
-            batches = models.batches(model, 2)
             c = make(Config(kind, model, T, structure, method))
-            c.prepare(*batches[0])
-            peaks: dict[str, list[int]] = {"statistics": [], "plain": []}
-            for i in range(2 + steps):
+            c.prepare(*batch)
+            for _ in range(WARMUP):
+                c.step(*batch)
+            peaks: dict[str, list[int]] = {k: [] for k in STEP_KINDS}
+            for _ in range(steps):
                 label = "statistics" if c.next_is_update() else "plain"
                 c.model.zero_grad(set_to_none=True)  # the baseline holds no gradients
                 gc.collect()
                 with PeakSampler() as s:
-                    c.step(*batches[i % 2])
-                if i >= 2:
-                    peaks[label].append(s.peak - s.before)
-            for label, values in peaks.items():
-                row[f"{label}_peak_bytes"] = max(values) if values else None
+                    c.step(*batch)
+                peaks[label].append(s.peak - s.before)
+            for label, v in peaks.items():
+                if v:
+                    row[f"{label}_peak_bytes"] = max(v)
+                    row[f"{label}_peak_samples"] = v
             row["rss_after_bytes"] = s.read()
         except Exception as err:
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -152,7 +132,6 @@ def measure_steps(configs: list[list]) -> list[dict]:
 
 def run_child(configs: list[list], timeout_s: float) -> tuple[list[dict], str | None]:
     """Run :func:`measure` in a child process; returns (rows, error or None)."""
-    # one arena: the sampler thread's allocations land where the step's are
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
                MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1", OMP_NUM_THREADS="1")
     try:

@@ -1,4 +1,4 @@
-"""The three benchmark models, their batches and losses.
+"""The benchmark models, their batches and losses.
 
 Every contender builds its own copy with :func:`build` (same seed, so the same
 initial weights) and steps through the same list of batches from :func:`batches`.
@@ -22,17 +22,6 @@ class MLP(nn.Sequential):
         super().__init__(
             nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
         )
-
-
-class Wide(nn.Sequential):
-    """Two Linear(2048, 2048) with a ReLU between (the memory table of issue 14: dense
-    factors of 16 MiB each, so a step's temporaries show in the resident set)."""
-
-    width = 2048
-
-    def __init__(self):
-        super().__init__(nn.Linear(self.width, self.width), nn.ReLU(),
-                         nn.Linear(self.width, self.width))
 
 
 class SmallCNN(nn.Module):
@@ -94,6 +83,17 @@ class TransformerBlock(nn.Module):
         return self.head(h)
 
 
+class Wide(nn.Sequential):
+    """Two ``Linear(d, d)`` with a ReLU between (issue 14's width sweep and memory model)."""
+
+    def __init__(self, d: int):
+        super().__init__(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+
+
+# the widths of issue 14's scaling table: model "wide<d>" is Wide(d), batch 128
+WIDTHS = (128, 512, 1024, 2048)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What a benchmark needs to know about one model."""
@@ -111,12 +111,13 @@ SPECS = {
         "transformer", "Transformer block, seq 64, width 128, 4 heads, batch 16", 16,
         "batch+sequence",
     ),
-    "wide": ModelSpec("wide", "two Linear(2048, 2048), batch 128", 128, "batch"),
     # the character GPT of benchmarks/transformer_bench.py (issue: transformers)
     "chargpt": ModelSpec(
         "chargpt", "character GPT (nanoGPT-style), 2 blocks, width 64, context 64, batch 32, "
         "standard-library text", 32, "batch+sequence",
     ),
+    **{f"wide{d}": ModelSpec(f"wide{d}", f"two Linear({d}, {d}), batch 128", 128, "batch")
+       for d in WIDTHS},
 }
 
 
@@ -134,7 +135,9 @@ def build(name: str, seed: int = 0) -> nn.Module:
 
         return chargpt.make_model("nanogpt", len(_corpus().vocab), seed=seed)
     torch.manual_seed(seed)
-    return {"mlp": MLP, "cnn": SmallCNN, "transformer": TransformerBlock, "wide": Wide}[name]()
+    if name.startswith("wide"):
+        return Wide(int(name[4:]))
+    return {"mlp": MLP, "cnn": SmallCNN, "transformer": TransformerBlock}[name]()
 
 
 def batches(name: str, count: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -149,9 +152,9 @@ def batches(name: str, count: int, seed: int = 1) -> list[tuple[torch.Tensor, to
     for _ in range(count):
         if name == "mlp":
             out.append((torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)))
-        elif name == "wide":
-            x = torch.randn(n, Wide.width, generator=g)
-            out.append((x, torch.randint(0, Wide.width, (n,), generator=g)))
+        elif name.startswith("wide"):
+            d = int(name[4:])
+            out.append((torch.randn(n, d, generator=g), torch.randint(0, d, (n,), generator=g)))
         elif name == "cnn":
             out.append(
                 (torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))

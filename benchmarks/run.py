@@ -2,9 +2,16 @@
 
 One process; per group (model, T) every contender gets its own model copy and the
 same batches, and the contenders are timed round-robin in shuffled order (see
-``benchmarks/timing.py``). Then: optimizer-state bytes against the storage formulas,
-peak RSS growth per step (child process), the CNN's convolution-statistics share,
-profiles of our core, and the report (markdown, JSON, PNG) in ``benchmarks/results``.
+``benchmarks/timing.py``). Then every other target of issue 14, each interleaved
+against its own reference: the width sweep (``widths.py``), the vmapped sweep and the
+hand-written arithmetic (``sweep_bench.py``), the guard (``guard_bench.py``), the CNN's
+convolution-statistics share (``conv_stats.py``), the peak memory of a step (child
+process, ``memory.py``); optimizer-state bytes against the storage formulas, profiles
+of our core, and the report (markdown, JSON, PNG) in ``benchmarks/results``, with one
+row per target (``report.targets``).
+
+The full run is sized for ~15 minutes on 2 quiet cores (``--budget-scale`` scales every
+timing budget and round count); ``--quick`` for 1-2 minutes.
 """
 
 from __future__ import annotations
@@ -21,36 +28,56 @@ from pathlib import Path
 import torch
 
 from . import contenders as ct
-from . import conv_stats, models, readme_speed, report, timing
+from . import conv_stats, guard_bench, memory, models, readme_speed, report, sweep_bench, timing
+from . import widths as width_sweep
 from .contenders import BASELINES, Config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STRUCTURES = ["dense", "diagonal", "block30diagonal", "hierarchical15_15", "triltoeplitz"]
 FULL_STRUCTURES = [*STRUCTURES, "triutoeplitz"]
 SLOW_OFFICIAL = ("triltoeplitz", "triutoeplitz")  # ~430x SGD: single steps only
+STAGES = ("groups", "widths", "sweep", "guard", "conv", "memory", "profile")
+# Seconds of the stages outside the groups at --budget-scale 1 (full, quick): the width
+# sweep's budget, and rough costs of the others for the progress bar's plan.
+WIDTHS_BUDGET = (180.0, 10.0)
+# memory: ~200 s at T=10 (the official dense step at d = 2048: 5.3 s statistics, 2.5 s
+# plain; its Toeplitz at d = 512: 3.8 s a step; single steps, 2026-12-08, this machine)
+PLANNED_EXTRA_S = {"sweep": (25, 8), "guard": (20, 5), "conv": (15, 4), "memory": (200, 60),
+                   "profile": (20, 0)}
+# The memory child: issue 14's table, two Linear(2048, 2048), batch 128, T=10 (dense also
+# T=1); the official Toeplitz takes minutes per step there, so Toeplitz is compared at
+# d = 512.
+MEMORY_MODEL = ("wide2048", "wide512")  # (full, --quick --memory)
+MEMORY_TOEPLITZ_MODEL = "wide512"
+MEMORY_T = 10
+
+
+def _rounds(base: int, scale: float, least: int = 3) -> int:
+    return max(least, round(base * scale))
 
 
 def plan(args) -> list[dict]:
     """The groups to time: model, T, methods, structures, implementations, budget (s)."""
     ours = ["adapter", "core", "core+cache"]
-    ours += [] if args.quick or args.no_compile else ["compiled"]
+    ours += [] if args.quick or args.no_compile else ["compiled", "adapter+compile"]
     if args.quick:
         groups = [
             dict(model="mlp", T=10, methods=["singd"], structures=STRUCTURES, budget=30),
             dict(model="mlp", T=1, methods=["singd"], structures=["dense"], budget=8),
         ]
     else:
+        # budgets cut from 140/60/45/20 s when the other targets joined the run (~15 min)
         groups = [
             dict(model="mlp", T=10, methods=["singd", "ikfac"], structures=FULL_STRUCTURES,
-                 budget=140),
+                 budget=100),
             dict(model="mlp", T=1, methods=["singd", "ikfac"], structures=FULL_STRUCTURES,
-                 budget=60),
-            dict(model="cnn", T=10, methods=["singd"], structures=STRUCTURES, budget=45),
-            dict(model="cnn", T=1, methods=["singd"], structures=STRUCTURES, budget=20),
-            dict(model="transformer", T=10, methods=["singd"], structures=STRUCTURES, budget=45),
-            dict(model="transformer", T=1, methods=["singd"], structures=STRUCTURES, budget=20),
-            dict(model="chargpt", T=10, methods=["singd"], structures=STRUCTURES, budget=45),
-            dict(model="chargpt", T=1, methods=["singd"], structures=STRUCTURES, budget=20),
+                 budget=40),
+            dict(model="cnn", T=10, methods=["singd"], structures=STRUCTURES, budget=30),
+            dict(model="cnn", T=1, methods=["singd"], structures=STRUCTURES, budget=12),
+            dict(model="transformer", T=10, methods=["singd"], structures=STRUCTURES, budget=30),
+            dict(model="transformer", T=1, methods=["singd"], structures=STRUCTURES, budget=12),
+            dict(model="chargpt", T=10, methods=["singd"], structures=STRUCTURES, budget=30),
+            dict(model="chargpt", T=1, methods=["singd"], structures=STRUCTURES, budget=12),
         ]
     out = []
     for g in groups:
@@ -58,8 +85,8 @@ def plan(args) -> list[dict]:
             continue
         structures = [s for s in g["structures"] if not args.structures or s in args.structures]
         impls = ["official", *ours]
-        if g["model"] != "mlp" or g["T"] != 10:
-            impls = [i for i in impls if i != "compiled"]  # compile budget: MLP, T=10 only
+        if g["model"] != "mlp" or g["T"] != 10:  # compile budget: MLP, T=10 only
+            impls = [i for i in impls if i not in ("compiled", "adapter+compile")]
         if g["T"] == 1:
             impls = [i for i in impls if i != "core+cache"]  # the cache only helps T > 1
         g.update(structures=structures, impls=impls, budget=g["budget"] * args.budget_scale)
@@ -77,7 +104,7 @@ def group_configs(g: dict, skipped: list[dict], quick: bool):
     for method in g["methods"]:
         for s in g["structures"]:
             for impl in g["impls"]:
-                if method != "singd" and impl in ("adapter", "compiled"):
+                if method != "singd" and impl in ("adapter", "adapter+compile", "compiled"):
                     continue
                 if impl == "core+cache" and not ct.caches(s):
                     continue
@@ -96,6 +123,8 @@ def unavailable(kind: str) -> str | None:
         return ct.official_available()
     if kind == "adapter":
         return ct.adapter_available()
+    if kind == "adapter+compile":
+        return ct.adapter_compile_available()
     if kind == "core+cache":
         return ct.cache_available()
     return None
@@ -114,7 +143,8 @@ def run_groups(args, groups, bar) -> tuple[list[dict], list[dict]]:
                 skipped.append({"label": cfg.label, "model": cfg.model, "T": cfg.T,
                                 "reason": reason})
                 continue
-            if cfg.kind == "compiled" and compile_spent > args.compile_budget:
+            compiles = cfg.kind in ("compiled", "adapter+compile")
+            if compiles and compile_spent > args.compile_budget:
                 skipped.append({"label": cfg.label, "model": cfg.model, "T": cfg.T,
                                 "reason": f"compile budget ({args.compile_budget:.0f} s) spent"})
                 continue
@@ -124,7 +154,7 @@ def run_groups(args, groups, bar) -> tuple[list[dict], list[dict]]:
                     c = ct.make(cfg, seed=0, tx_cache=tx_cache)
                     t0 = time.perf_counter()
                     c.prepare(*batches[0])
-                    if cfg.kind == "compiled":
+                    if compiles:
                         spent = time.perf_counter() - t0
                         compile_spent += spent
                         _advance(bar, spent)
@@ -212,35 +242,109 @@ def summarize_group(g, built, records, info, slow) -> dict:
             "budget_s": g["budget"], **info, "rows": rows}
 
 
-def memory_configs(structures) -> list[list]:
-    cfgs = [[k, "mlp", None, None] for k in BASELINES]
+def memory_configs(structures, quick: bool) -> list[list]:
+    """[kind, model, structure, method, T] of the memory child (issue 14's memory table):
+    SGD and AdamW for scale, then the official package and the drop-in per structure at
+    T=10 (dense also T=1), on two Linear(2048, 2048) (--quick: 512). The child samples
+    one T-cycle after two warm-up steps (``memory.default_steps``): at T=10 one
+    statistics step and nine plain ones, at T=1 two statistics steps."""
+    model = MEMORY_MODEL[quick]
+    cfgs = [[k, model, None, None, MEMORY_T] for k in ("sgd", "adamw")]
     for s in structures:
-        for impl in ("official", "adapter", "core"):
-            if unavailable(impl) is None:
-                cfgs.append([impl, "mlp", s, "singd"])
+        if s in SLOW_OFFICIAL and quick:
+            continue
+        where = MEMORY_TOEPLITZ_MODEL if s in SLOW_OFFICIAL else model
+        for T in (1, MEMORY_T) if s == "dense" else (MEMORY_T,):
+            for impl in ("official", "adapter"):
+                if unavailable(impl) is None:
+                    cfgs.append([impl, where, s, "singd", T])
     return cfgs
 
 
-# issue 14's memory table: two Linear(2048, 2048), batch 128 (the official Toeplitz takes
-# seconds per step at this width: not measured); T=10 has one statistics step in 10
-WIDE_STRUCTURES = ["dense", "diagonal", "block30diagonal", "hierarchical15_15"]
+def run_extras(args, bar, structures) -> tuple[dict, dict]:
+    """Every measurement outside the step-time groups; (results, not_measured reasons)."""
+    out: dict = {}
+    why: dict[str, str] = {}
+    skip = set(args.skip)
+    scale = args.budget_scale
 
+    def stage(name, label):
+        bar.set_postfix_str(label)
+        return time.perf_counter()
 
-def wide_memory_configs(structures) -> list[list]:
-    """``[kind, "wide", structure, "singd", T, steps]`` for the official package and ours:
-    T=10 over steps 2..11 (the statistics step 10 and nine plain ones), and T=1 for
-    dense (two statistics steps without cached products)."""
-    cfgs = []
-    for s in (s for s in WIDE_STRUCTURES if s in structures):
-        for T, steps in ((10, 10), (1, 2)) if s == "dense" else ((10, 10),):
-            cfgs += [[impl, "wide", s, "singd", T, steps] for impl in ("official", "adapter")
-                     if unavailable(impl) is None]
-    return cfgs
+    if "widths" in skip:
+        why["widths"] = why["widths_dense"] = "skipped (--skip widths)"
+    else:
+        stage("widths", "width sweep")
+        ws = (128, 512) if args.quick else models.WIDTHS
+        ss = [s for s in width_sweep.STRUCTURES
+              if not (args.quick and s in SLOW_OFFICIAL)
+              and (not args.structures or s in args.structures)]
+        def tick(dt, label):
+            bar.set_postfix_str(f"widths {label}"[:60], refresh=False)
+            _advance(bar, dt)
+
+        out["widths"] = width_sweep.measure(
+            ws, ss, WIDTHS_BUDGET[args.quick] * scale, min_rounds=args.min_rounds,
+            seed=args.seed, tick=tick)
+
+    if "sweep" in skip:
+        why["sweep"] = why["hand"] = "skipped (--skip sweep)"
+    else:
+        t0 = stage("sweep", "vmapped sweep, hand-written arithmetic")
+        rounds = _rounds(4 if args.quick else 10, scale)
+        out["sweep"] = {
+            "headline": sweep_bench.measure(128, 8, rounds, 1 if args.quick else 2),
+            "bound": sweep_bench.measure_bound(128, 8, _rounds(2 * rounds, scale),
+                                               1 if args.quick else 3),
+        }
+        _advance(bar, time.perf_counter() - t0)
+
+    if "guard" in skip:
+        why["guard"] = "skipped (--skip guard)"
+    else:
+        t0 = stage("guard", "guarded vs plain steps")
+        # the drop-in face only (the issue's default face): its pure face doubles the cost
+        out["guard"] = guard_bench.run(["dense"] if args.quick else structures,
+                                       _rounds(3 if args.quick else 6, scale), 10, ["dropin"])
+        torch.set_num_threads(1)
+        _advance(bar, time.perf_counter() - t0)
+
+    if "conv" in skip or (args.models and "cnn" not in args.models):
+        why["conv"] = "skipped (--skip conv or --models without cnn)"
+    else:
+        t0 = stage("conv", "CNN convolution statistics")
+        # every structure in --quick too (main, 174722a)
+        out["conv_statistics"] = conv_stats.share(structures,
+                                                  reps=_rounds(3 if args.quick else 7, scale))
+        _advance(bar, time.perf_counter() - t0)
+
+    no_memory = "memory" in skip or args.no_memory or (args.quick and not args.memory)
+    out["memory_peak"], out["memory_peak_error"] = [], None
+    if no_memory:
+        out["memory_peak_error"] = why["memory"] = (
+            "skipped (--quick without --memory)" if args.quick and not args.memory
+            else "skipped (--no-memory)")
+    else:
+        t0 = stage("memory", "peak RSS (child process)")
+        errors = []
+        # one child per structure: a crash or a timeout loses that structure only
+        cfgs = memory_configs(structures, args.quick)
+        for key in dict.fromkeys(c[2] for c in cfgs):
+            rows, error = memory.run_child([c for c in cfgs if c[2] == key], timeout_s=400)
+            out["memory_peak"] += rows
+            if error:
+                errors.append(f"{key or 'baselines'}: {error}")
+        if errors:
+            out["memory_peak_error"] = why["memory"] = "; ".join(errors)
+        _advance(bar, time.perf_counter() - t0)
+    return out, why
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="MLP only, ~2 minutes")
+    p.add_argument("--quick", action="store_true",
+                   help="the MLP groups and small versions of the other stages, 1-2 minutes")
     p.add_argument("--models", nargs="*", choices=list(models.SPECS), help="subset of models")
     p.add_argument("--structures", nargs="*", help="subset of structures")
     p.add_argument("--budget-scale", type=float, default=1.0,
@@ -253,6 +357,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child process")
     p.add_argument("--memory", action="store_true", help="measure peak RSS in --quick too")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--skip", nargs="*", default=[], choices=STAGES,
+                   help="stages to leave out (their targets are reported n/a)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default=None, help="file name stem (default bench / bench_quick)")
@@ -272,9 +378,11 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     t_start = time.perf_counter()
-    groups = plan(args)
-    all_structures = sorted({s for g in groups for s in g["structures"]},
-                            key=lambda s: FULL_STRUCTURES.index(s) if s in FULL_STRUCTURES else 99)
+    groups = [] if "groups" in args.skip else plan(args)
+    all_structures = [s for s in FULL_STRUCTURES if not args.structures or s in args.structures]
+    # the other stages run per structure of STRUCTURES (triutoeplitz: the same code as
+    # triltoeplitz, transposed)
+    structures = [s for s in all_structures if s != "triutoeplitz"]
     meta = {
         "mode": "quick" if args.quick else "full",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -292,38 +400,27 @@ def main(argv=None) -> int:
         "hyperparameters": ct.HP,
         "inductor_cache": inductor_cache,
     }
-    planned = sum(g["budget"] for g in groups) * 1.25 + (0 if args.quick else 60)
+    planned = (sum(g["budget"] for g in groups) * 1.25 + (0 if args.quick else 60)
+               + (0 if "widths" in args.skip else
+                  WIDTHS_BUDGET[args.quick] * args.budget_scale * 1.25)
+               + sum(v[args.quick] for k, v in PLANNED_EXTRA_S.items() if k not in args.skip))
     bar = tqdm(total=round(planned), unit="s", desc="benchmark", file=sys.stderr,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s planned "
                 "[{elapsed}]{postfix}")
     results, skipped = run_groups(args, groups, bar)
-
-    bar.set_postfix_str("CNN convolution statistics")
-    conv = []
-    if not args.models or "cnn" in args.models:
-        t0 = time.perf_counter()
-        conv = conv_stats.share(STRUCTURES, reps=3 if args.quick else 5)
-        _advance(bar, time.perf_counter() - t0)
-
-    no_memory = args.no_memory or (args.quick and not args.memory)
-    mem_rows, mem_error = [], None
-    wide_rows, wide_error = [], None
-    if no_memory:
-        mem_error = "skipped (--quick without --memory)" if args.quick else "skipped (--no-memory)"
-        wide_error = mem_error
-    else:
-        bar.set_postfix_str("peak RSS (child process)")
-        t0 = time.perf_counter()
-        mem_structures = [s for s in all_structures if s != "triutoeplitz"]
-        memory = __import__("benchmarks.memory", fromlist=["run_child"])
-        mem_rows, mem_error = memory.run_child(memory_configs(mem_structures), timeout_s=240)
-        bar.set_postfix_str("peak RSS, two Linear(2048, 2048) (child process)")
-        wide_rows, wide_error = memory.run_child(wide_memory_configs(all_structures),
-                                                 timeout_s=1200)
-        _advance(bar, time.perf_counter() - t0)
+    extras, not_measured = run_extras(args, bar, structures)
+    if args.quick:
+        not_measured.setdefault("transformer", "the transformer models run in the full run only")
+        not_measured.setdefault("compile", "compiled contenders run in the full run only")
+    elif args.no_compile:
+        not_measured.setdefault("compile", "skipped (--no-compile)")
+    if "groups" in args.skip:
+        not_measured.update({k: "skipped (--skip groups)" for k in (
+            "dense", "diagonal", "block_hierarchical", "toeplitz", "state", "transformer",
+            "compile")})
 
     profiles = {}
-    if not args.no_profile and not args.quick:
+    if not args.no_profile and not args.quick and "profile" not in args.skip:
         from . import profile
 
         bar.set_postfix_str("profiles")
@@ -335,9 +432,9 @@ def main(argv=None) -> int:
 
     meta["load_end"] = timing.load_average()
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
-    data = {"meta": meta, "groups": results, "skipped": skipped, "memory_peak": mem_rows,
-            "memory_peak_error": mem_error, "memory_wide": wide_rows,
-            "memory_wide_error": wide_error, "conv_statistics": conv, "profiles": profiles}
+    skipped += extras.get("widths", {}).get("skipped", [])
+    data = {"meta": meta, "groups": results, "skipped": skipped, **extras,
+            "profiles": profiles, "not_measured": not_measured}
     data["targets"] = report.targets(data)
     stem = args.tag or ("bench_quick" if args.quick else "bench")
     args.out.mkdir(parents=True, exist_ok=True)

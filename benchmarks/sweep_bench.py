@@ -127,6 +127,7 @@ def measure(width: int, n: int, rounds: int, warmup: int, cache: bool = False) -
     """Interleaved rounds; medians in ms per step (all members)."""
     s = Setup(width, n, cache=cache, device=DEVICE)
     out = {"width": width, "N": n, "rounds": rounds, "cache_preconditioner": cache}
+    per_round: dict[str, tuple[list[float], list[float]]] = {}
     for kind, stats in (("stats", True), ("plain", False)):
         for _ in range(warmup):
             s.sequential(stats)
@@ -139,6 +140,7 @@ def measure(width: int, n: int, rounds: int, warmup: int, cache: bool = False) -
             c, w = timed(lambda stats=stats: s.vmapped(stats))
             vm_c.append(c)
             vm_w.append(w)
+        per_round[kind] = (seq_c, vm_c)
         med = lambda v: 1e3 * statistics.median(v)  # noqa: E731
         out[kind] = {
             "seq_cpu_ms": med(seq_c), "vmap_cpu_ms": med(vm_c),
@@ -153,6 +155,11 @@ def measure(width: int, n: int, rounds: int, warmup: int, cache: bool = False) -
                 out["stats"][f"{side}_{clock}_ms"] + 9 * out["plain"][f"{side}_{clock}_ms"]
             ) / 10
         mix[f"speedup_{clock}"] = mix[f"seq_{clock}_ms"] / mix[f"vmap_{clock}_ms"]
+    # the spread: quartiles of the per-round T = 10 speed-ups (round r's statistics step
+    # and plain step of each side, CPU time)
+    (ss, vs), (sp, vp) = per_round["stats"], per_round["plain"]
+    mix["paired_speedup_cpu"] = _quartiles(
+        [(a + 9 * b) / (c + 9 * d) for a, b, c, d in zip(ss, sp, vs, vp)])
     out["T10"] = mix
     out["state_bytes_per_member"] = s.state_bytes_per_member()
     assert not s.state.diverged.any(), "a member diverged during the benchmark"
@@ -220,13 +227,23 @@ def measure_bound(width: int, n: int, rounds: int, warmup: int) -> dict:
         "core_gradients": lambda: [s.capture(r[0], s.x, s.y, record_layers=False) for r in s.runs],
         "sweep_gradients": lambda: vmapped_gradients(s.state.params),
     }
-    times = {k: [] for k in contenders}
+    times: dict[str, list[float]] = {k: [] for k in contenders}
     for r in range(warmup + rounds):
         for k, fn in contenders.items():
             c, _ = timed(fn)
             if r >= warmup:
                 times[k].append(c)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    out: dict = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    # the spread of the core / hand-written-loop ratio: quartiles of the per-round ratios
+    out["paired_core_over_hand"] = _quartiles(
+        [a / b for a, b in zip(times["core_sequential"], times["hand_sequential"])])
+    return out
+
+
+def _quartiles(xs: list[float]) -> dict:
+    """q25, median and q75 of ``xs`` (all equal for one value)."""
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else xs * 3
+    return {"q25": q[0], "median": statistics.median(xs), "q75": q[2], "rounds": len(xs)}
 
 
 class _MallInfo2(ctypes.Structure):
@@ -401,7 +418,8 @@ def main(argv=None):
               f"{h['plain']['speedup_cpu']:.2f}x (plain step)", flush=True)
     bound = measure_bound(128, 8, 3 * rounds, 2 * warmup)
     print("N=8, w=128, plain step with cached products: "
-          + ", ".join(f"{k} {v:.2f} ms" for k, v in bound.items()), flush=True)
+          + ", ".join(f"{k} {v:.2f} ms" for k, v in bound.items()
+                     if isinstance(v, float)), flush=True)
     by_n = []
     for n in ns:
         by_n.append(headline if n == 8 else measure(128, n, rounds, warmup))

@@ -1,259 +1,223 @@
-"""Width sweep: step time of two ``Linear(d, d)`` layers against SGD and the official
-package, d in 128, 512, 1024, 2048 (issue 14's scaling table).
+"""Step time across widths: the drop-in ``SINGD`` against the official package.
 
-    python -m benchmarks.widths                                  # every structure
-    python -m benchmarks.widths --structures block30diagonal --widths 1024 2048
-    python -m benchmarks.widths --baseline-rev main              # and ours at a revision
+Issue 14's scaling table: two ``Linear(d, d)`` (ReLU between), batch 128, T = 10, one
+thread. Per width, one interleaved group (``benchmarks/timing.py``): SGD with momentum,
+and per structure the official package and our drop-in ``sf.SINGD``. Reported per
+structure and width: both step times as a multiple of SGD's, and ours / official (ratio
+of the amortized medians, with the interquartile range of the per-round paired ratios).
 
-The model is ``Sequential(Linear(d, d), ReLU, Linear(d, d))`` with an MSE loss on
-random targets, batch 128, T = 10, one intra-op thread, flush-denormal on. Per width one
-interleaved group (``benchmarks/timing.py``): SGD with momentum, and per structure the
-official ``singd`` 0.0.5 and our drop-in ``sf.SINGD`` (and, with ``--baseline-rev``,
-the drop-in of that git revision, extracted read-only like ``structures_bench`` does),
-every contender a whole T-cycle per round in shuffled order. Reported: medians of the
-per-round paired ratios of the amortized step time, with their interquartile range.
+The official Toeplitz structures cost seconds per step from d = 512 (3.8 s at 512, 157 s
+at 2048, single steps measured 2026-12-08 on this machine's 2 shared cores): they are
+timed over single steps (``est.``) up to :data:`OFFICIAL_TOEPLITZ_MAX_D`, and above it
+neither side is timed (the ratio would not be measured, only bounded).
 
-:func:`width_ratios` returns the figures as a dict, for ``benchmarks/run.py`` or a test
-to call; ``main`` prints a markdown table and writes JSON (``--out``).
+``python -m benchmarks.widths [--widths 128 512] [--structures dense diagonal]
+[--budget 60] [--baseline-rev main]`` prints the table; ``--baseline-rev`` also times our
+drop-in at that git revision (extracted read-only, as ``structures_bench`` does) in the
+same groups, for a before/after ratio of a change. ``benchmarks/run.py`` calls
+:func:`measure`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import importlib
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .contenders import HP, Config
-from .timing import Record, paired_ratio, run_group, summarize
+from . import contenders as ct
+from . import models, timing
+from .contenders import Config
 
-WIDTHS = (128, 512, 1024, 2048)
-STRUCTURES = ("dense", "diagonal", "block30diagonal", "hierarchical15_15", "triltoeplitz")
-BATCH = 128
-# the official package's steps that take seconds at these widths (its Toeplitz is ~430x
-# SGD everywhere; its dense step forms d x d products of K twice per side): not timed
-OFFICIAL_SKIP = {("triltoeplitz", d) for d in WIDTHS} | {("triutoeplitz", d) for d in WIDTHS} | {
-    ("dense", 2048)
-}
+STRUCTURES = ("dense", "diagonal", "block30diagonal", "hierarchical15_15", "triltoeplitz",
+              "triutoeplitz")
+TOEPLITZ = ("triltoeplitz", "triutoeplitz")
+OFFICIAL_TOEPLITZ_MAX_D = 512
+T = 10
 
 
-def model(d: int, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+class _Baseline(ct.Contender):
+    """Our drop-in ``SINGD`` from another revision's package (kind ``baseline``)."""
+
+    def __init__(self, cfg: Config, package, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.opt = package.SINGD(self.model, T=cfg.T, **ct._singd_kwargs(cfg))
+
+    def _step(self, x, y):
+        self._module_step(self.opt, x, y)
 
 
-class _Contender:
-    """One optimizer on its own copy of the model (the interface ``run_group`` uses)."""
-
-    def __init__(self, cfg: Config, d: int, make: Callable[[nn.Module], Any], seed: int = 0):
-        self.cfg, self.steps, self.failed = cfg, 0, None
-        self.model = model(d, seed)
-        self.opt = None
-        try:
-            self.opt = make(self.model)
-        except Exception as err:  # e.g. a structure the official package lacks
-            self.failed = f"init: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-
-    def next_is_update(self) -> bool:
-        return self.cfg.structure is not None and self.steps % self.cfg.T == 0
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        F.mse_loss(self.model(x), y).backward()
-        self.opt.step()
-        self.steps += 1
+def _shares(widths) -> dict[int, float]:
+    """Each width's part of the budget, proportional to d (the wide steps cost most)."""
+    total = sum(widths)
+    return {d: d / total for d in widths}
 
 
-def _singd_kwargs(structure: str) -> dict:
-    return dict(HP, structures=(structure, structure), loss_average="batch")
+def measure(widths, structures, budget_s: float, *, min_rounds: int = 2, seed: int = 0,
+            tick=lambda dt, msg: None, baseline_rev: str | None = None) -> dict:
+    """Time every structure at every width; ``budget_s`` is split over the widths.
 
-
-def _factories(baseline) -> dict[str, Callable[[str, int], Callable[[nn.Module], Any]]]:
-    import singd_functional as sf
-
-    def official(s, T):
-        from singd.optim.optimizer import SINGD
-
-        def make(m):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return SINGD(m, T=T, **_singd_kwargs(s))
-
-        return make
-
-    out = {
-        "official": official,
-        "ours": lambda s, T: lambda m: sf.SINGD(m, T=T, **_singd_kwargs(s)),
-    }
-    if baseline is not None:
-        out["baseline"] = lambda s, T: lambda m: baseline.SINGD(m, T=T, **_singd_kwargs(s))
-    return out
-
-
-def _ratio(a, b, cpu: bool = False) -> dict | None:
-    if cpu:  # the same over thread CPU time (blind to waiting for a core)
-        a, b = Record(cycles=a.cpu_cycles), Record(cycles=b.cpu_cycles)
-    r = paired_ratio(a, b)
-    return None if r is None else {k: round(v, 4) if isinstance(v, float) else v
-                                   for k, v in r.items()}
-
-
-def width_ratios(
-    widths: Sequence[int] = WIDTHS,
-    structures: Sequence[str] = STRUCTURES,
-    *,
-    T: int = 10,
-    budget_s: float = 20.0,
-    min_rounds: int = 5,
-    max_rounds: int = 40,
-    baseline_rev: str | None = None,
-    official_skip: set[tuple[str, int]] | frozenset = frozenset(OFFICIAL_SKIP),
-    seed: int = 0,
-    tick: Callable[[float, str], None] = lambda dt, msg: None,
-) -> dict:
-    """Step-time ratios per width and structure (medians of paired per-round ratios).
-
-    Returns ``{"meta": {...}, "widths": {d: {"rounds", "seconds", "load_before",
-    "load_after", "ms": {label: amortized ms}, "failed": {label: why}, "structures":
-    {s: {"ours_x_sgd", "official_x_sgd", "ours_x_official", ["baseline_x_sgd",
-    "ours_x_baseline"]}}}}}``, each also with a ``_cpu`` twin (thread CPU time); each
-    ratio is ``{"median", "q25", "q75", "rounds"}`` or None (a contender not timed or
-    failed).
+    Returns ``{"widths", "structures", "rows", "groups", "skipped", "baseline_rev"}``;
+    one row per (width, structure) with ``x_official`` (ours / official),
+    ``paired_official`` (q25, median, q75 of the per-round ratios or None),
+    ``ours_x_sgd``, ``official_x_sgd``, both amortized ms and whether the official figure
+    is estimated; with ``baseline_rev`` also ``x_baseline`` and ``paired_baseline`` (ours
+    / our drop-in at that revision).
     """
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    baseline = None
-    tmp = None
-    if baseline_rev is not None:
-        import importlib
-
+    if baseline_rev is None:
+        return _measure(widths, structures, budget_s, min_rounds, seed, tick, None)
+    with tempfile.TemporaryDirectory() as tmp:
         from .structures_bench import load_baseline
 
-        tmp = tempfile.TemporaryDirectory()
-        baseline = importlib.import_module(load_baseline(baseline_rev, Path(tmp.name)))
-    makers = _factories(baseline)
-    out: dict[str, Any] = {
-        "meta": {
-            "model": "Sequential(Linear(d, d), ReLU, Linear(d, d)), MSE, batch "
-            f"{BATCH}, T={T}, 1 thread",
-            "torch": torch.__version__,
-            "machine": f"{platform.platform()} ({platform.machine()})",
-            "baseline_rev": baseline_rev,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        },
-        "widths": {},
-    }
-    try:
-        for d in widths:
-            g = torch.Generator().manual_seed(seed + 1)
-            batches = [(torch.randn(BATCH, d, generator=g), torch.randn(BATCH, d, generator=g))
-                       for _ in range(4)]
-            sgd_cfg = Config("sgd", f"linear{d}", T)
-            contenders = [_Contender(
-                sgd_cfg, d, lambda m: torch.optim.SGD(m.parameters(), lr=HP["lr"],
-                                                      momentum=HP["momentum"]), seed)]
-            index: dict[tuple[str, str], int] = {}
-            for s in structures:
-                for kind, make in makers.items():
-                    if kind == "official" and (s, d) in official_skip:
-                        continue
-                    index[kind, s] = len(contenders)
-                    contenders.append(_Contender(Config(kind, f"linear{d}", T, s, "singd"), d,
-                                                 make(s, T), seed))
-            records, info = run_group(
-                contenders, batches, budget_s=budget_s, min_rounds=min_rounds,
-                max_rounds=max_rounds, slow_steps={}, tick=tick, seed=seed,
-            )  # fmt: skip
-            row: dict[str, Any] = {
-                **info,
-                "ms": {c.cfg.label: round(summarize(records[i], T, False)["amortized_ms"], 3)
-                       for i, c in enumerate(contenders) if c.failed is None},
-                "failed": {c.cfg.label: c.failed for c in contenders if c.failed},
-                "structures": {},
+        package = importlib.import_module(load_baseline(baseline_rev, Path(tmp)))
+        result = _measure(widths, structures, budget_s, min_rounds, seed, tick, package)
+    result["baseline_rev"] = baseline_rev
+    return result
+
+
+def _measure(widths, structures, budget_s, min_rounds, seed, tick, baseline) -> dict:
+    shares = _shares(widths)
+    rows, groups, skipped = [], [], []
+    for d in widths:
+        model = f"wide{d}"
+        cfgs = [Config("sgd", model, T)]
+        for s in structures:
+            if s in TOEPLITZ and d > OFFICIAL_TOEPLITZ_MAX_D:
+                skipped.append({"label": f"official+adapter:singd:{s}", "model": model, "T": T,
+                                "reason": f"official Toeplitz takes minutes per step at d = "
+                                          f"{d}: not timed above d = {OFFICIAL_TOEPLITZ_MAX_D}"})
+                continue
+            cfgs += [Config("official", model, T, s, "singd"), Config("adapter", model, T, s,
+                                                                      "singd")]
+            if baseline is not None:
+                cfgs.append(Config("baseline", model, T, s, "singd"))
+        built = []
+        for cfg in cfgs:
+            reason = ct.official_available() if cfg.kind == "official" else (
+                ct.adapter_available() if cfg.kind == "adapter" else None)
+            if reason:
+                skipped.append({"label": cfg.label, "model": model, "T": T, "reason": reason})
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                built.append(_Baseline(cfg, baseline) if cfg.kind == "baseline"
+                             else ct.make(cfg, seed=0))
+        slow = {i: 2 for i, c in enumerate(built)
+                if c.cfg.kind == "official" and c.cfg.structure in TOEPLITZ}
+        batches = models.batches(model, 4)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            records, info = timing.run_group(
+                built, batches, budget_s=budget_s * shares[d], min_rounds=min_rounds,
+                max_rounds=200, slow_steps=slow, seed=seed,
+                tick=lambda dt, msg, d=d: tick(dt, f"d={d} {msg}"))
+        summary = {i: timing.summarize(records[i], T, i in slow) for i in range(len(built))}
+        by_label = {c.cfg.label: i for i, c in enumerate(built)}
+        sgd = by_label.get("sgd")
+        sgd_ms = None if sgd is None else summary[sgd]["amortized_ms"]
+        groups.append({"d": d, "sgd_ms": sgd_ms, **info,
+                       "wall_s": round(time.perf_counter() - t0, 1)})
+        for s in structures:
+            i, j = by_label.get(f"adapter:singd:{s}"), by_label.get(f"official:singd:{s}")
+            if i is None:
+                continue
+            ours = summary[i]["amortized_ms"]
+            off = None if j is None else summary[j]["amortized_ms"]
+            failed = built[i].failed or (None if j is None else built[j].failed)
+            paired = None
+            if j is not None and j not in slow:
+                paired = timing.paired_ratio(records[i], records[j])
+            row = {
+                "d": d, "structure": s, "ours_ms": ours, "official_ms": off,
+                "x_official": None if not off or failed else ours / off,
+                "paired_official": paired,
+                "official_estimated": j in slow,
+                "ours_x_sgd": None if not sgd_ms else ours / sgd_ms,
+                "official_x_sgd": None if not sgd_ms or off is None else off / sgd_ms,
+                "failed": failed, "rounds": info["rounds"],
             }
-            sgd = records[0]
-            def rec(kind: str, s: str, index=index, contenders=contenders, records=records):
-                i = index.get((kind, s))
-                return None if i is None or contenders[i].failed else records[i]
-
-            for s in structures:
-                ours, official, base = rec("ours", s), rec("official", s), rec("baseline", s)
-                cell = {
-                    "ours_x_sgd": ours and _ratio(ours, sgd),
-                    "official_x_sgd": official and _ratio(official, sgd),
-                    "ours_x_official": ours and official and _ratio(ours, official),
-                }
-                if baseline is not None:
-                    cell["baseline_x_sgd"] = base and _ratio(base, sgd)
-                    cell["ours_x_baseline"] = ours and base and _ratio(ours, base)
-                pairs = [("ours", "sgd"), ("official", "sgd"), ("ours", "official"),
-                         ("baseline", "sgd"), ("ours", "baseline")]
-                recs = {"ours": ours, "official": official, "baseline": base, "sgd": sgd}
-                for a, b in pairs[: 5 if baseline is not None else 3]:
-                    ra, rb = recs[a], recs[b]
-                    cell[f"{a}_x_{b}_cpu"] = (ra and rb and _ratio(ra, rb, cpu=True)) or None
-                row["structures"][s] = cell
-            out["widths"][d] = row
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return out
+            k = by_label.get(f"baseline:singd:{s}")
+            if k is not None:
+                base = summary[k]["amortized_ms"]
+                bad = built[i].failed or built[k].failed
+                row["baseline_ms"] = base
+                row["x_baseline"] = None if not base or bad else ours / base
+                row["paired_baseline"] = None if bad else timing.paired_ratio(records[i],
+                                                                             records[k])
+            rows.append(row)
+    return {"widths": list(widths), "structures": list(structures), "T": T, "rows": rows,
+            "groups": groups, "skipped": skipped, "baseline_rev": None}
 
 
-def table(result: dict, clock: str = "wall") -> str:
-    """A markdown table: per width and structure, ours / official as multiples of SGD
-    (``clock="cpu"``: the thread-CPU-time ratios)."""
-    has_base = result["meta"]["baseline_rev"] is not None
-    head = ["d", "structure", "ours x SGD", "official x SGD", "ours x official"]
-    head += ["baseline x SGD", "ours x baseline"] if has_base else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def table(result: dict) -> list[str]:
+    """Markdown lines: per width a row, per structure 'ours / official' (x SGD), and
+    ours / official with the paired spread."""
+    structures = result["structures"]
+    cells = {(r["d"], r["structure"]): r for r in result["rows"]}
+    L = ["| d | SGD ms | " + " | ".join(structures) + " |",
+         "| --- | --- |" + " --- |" * len(structures)]
+    for g in result["groups"]:
+        line = [str(g["d"]), "–" if g["sgd_ms"] is None else f"{g['sgd_ms']:.1f}"]
+        for s in structures:
+            r = cells.get((g["d"], s))
+            if r is None:
+                line.append("–")
+                continue
+            off = "–" if r["official_x_sgd"] is None else f"{r['official_x_sgd']:.2f}"
+            cell = f"{r['ours_x_sgd']:.2f} / {off}" if r["ours_x_sgd"] is not None else "–"
+            if r["x_official"] is not None:
+                cell += f" (**{r['x_official']:.2f}x**"
+                p = r["paired_official"]
+                cell += f" [{p['q25']:.2f}–{p['q75']:.2f}])" if p else (
+                    " est.)" if r["official_estimated"] else ")")
+            line.append(cell)
+        L.append("| " + " | ".join(line) + " |")
+    return L
 
-    def fmt(r):
-        return "-" if not r else f"{r['median']:.3f} [{r['q25']:.2f}-{r['q75']:.2f}]"
 
-    for d, row in result["widths"].items():
-        for s, cell in row["structures"].items():
-            keys = ["ours_x_sgd", "official_x_sgd", "ours_x_official"]
-            keys += ["baseline_x_sgd", "ours_x_baseline"] if has_base else []
-            keys = [k + "_cpu" for k in keys] if clock == "cpu" else keys
-            lines.append(f"| {d} | {s} | " + " | ".join(fmt(cell.get(k)) for k in keys) + " |")
-    return "\n".join(lines)
+def baseline_table(result: dict) -> list[str]:
+    """Markdown lines of a ``baseline_rev`` run: per width and structure, ours / ours at
+    that revision, with the paired spread."""
+    structures = result["structures"]
+    cells = {(r["d"], r["structure"]): r for r in result["rows"]}
+    L = ["| d | " + " | ".join(structures) + " |", "| --- |" + " --- |" * len(structures)]
+    for g in result["groups"]:
+        line = [str(g["d"])]
+        for s in structures:
+            r = cells.get((g["d"], s), {})
+            x, p = r.get("x_baseline"), r.get("paired_baseline")
+            line.append("–" if x is None else f"{x:.3f}" + (
+                f" [{p['q25']:.2f}–{p['q75']:.2f}]" if p else ""))
+        L.append("| " + " | ".join(line) + " |")
+    return L
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.widths",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.widths", description=__doc__)
+    p.add_argument("--widths", nargs="+", type=int, default=list(models.WIDTHS),
+                   choices=list(models.WIDTHS))
     p.add_argument("--structures", nargs="+", default=list(STRUCTURES))
-    p.add_argument("-T", type=int, default=10)
-    p.add_argument("--budget", type=float, default=20.0, help="seconds per width (after "
-                   "--min-rounds)")
-    p.add_argument("--min-rounds", type=int, default=5)
-    p.add_argument("--max-rounds", type=int, default=40)
-    p.add_argument("--baseline-rev", help="also time our drop-in at this git revision")
-    p.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    p.add_argument("--budget", type=float, default=120.0, help="seconds, split over widths")
+    p.add_argument("--baseline-rev", default=None,
+                   help="also time our drop-in at this git revision (e.g. main, HEAD~1)")
     args = p.parse_args(argv)
-    result = width_ratios(args.widths, args.structures, T=args.T, budget_s=args.budget,
-                          min_rounds=args.min_rounds, max_rounds=args.max_rounds,
-                          baseline_rev=args.baseline_rev)
-    for d, row in result["widths"].items():
-        print(f"d={d}: {row['rounds']} rounds in {row['seconds']} s, load "
-              f"{row['load_before']} -> {row['load_after']}; failed: {row['failed'] or 'none'}")
-    print("wall time:\n" + table(result) + "\n\nthread CPU time:\n" + table(result, "cpu"))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    result = measure(args.widths, args.structures, args.budget, baseline_rev=args.baseline_rev)
+    print("step time as a multiple of SGD's, ours / official (ours / official, paired IQR)")
+    print("\n".join(table(result)))
+    if args.baseline_rev is not None:
+        print(f"\nours / ours at {args.baseline_rev} (paired IQR)")
+        print("\n".join(baseline_table(result)))
+    for s in result["skipped"]:
+        print(f"skipped {s['label']} ({s['model']}): {s['reason']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
