@@ -56,13 +56,13 @@ def _scaled(updates: dict, lr) -> dict:
 
 # The same formulas in place, over lists, one ``torch._foreach_*`` call each for all
 # parameters (as torch.optim's foreach paths do): the drop-in's plain step. The sums are
-# the same; the roundings are torch.optim.SGD's (v <- m v, then v + u; w + (-lr) v fused)
-# rather than the dict helpers' (one fused m v + u; w + (-lr v)), i.e. the same numbers
-# to a rounding per step (tests/test_fallbacks.py): bit for bit in place would take a
-# fourth pass (-lr v rounded on its own before it is added to w). In place,
-# the heavy-ball and the update allocate nothing: on the CPU fresh parameter-sized
-# tensors cost page faults (a plain drop-in step of the MLP 784-512-512-10, diagonal:
-# 180-460 before, 0 with these).
+# the same; the heavy-ball rounds as torch.optim.SGD's (v <- m v, then v + u) rather than
+# as the dict helper's one fused m v + u, i.e. the same numbers to a rounding per step
+# (tests/test_fallbacks.py, tests/test_optim_lean.py). The descent w + v (-lr) is one
+# addcmul for a float lr and for the guard's gated 0-d lr alike, so the guard changes no
+# bit of a kept step (tests/test_optim_statistics_step.py). In place, the heavy-ball and
+# the update allocate nothing: on the CPU fresh parameter-sized tensors cost page faults
+# (a plain drop-in step of the MLP 784-512-512-10, diagonal: 180-460 before, 0 with these).
 
 
 def _decayed_(updates: list[Tensor], params: list[Tensor], weight_decay) -> None:
