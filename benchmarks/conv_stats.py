@@ -112,7 +112,9 @@ def share(structures: list[str], reps: int = 5) -> list[dict]:
 
 
 # ------------------------------------------------- the statistics before issue 14
-def _legacy_patches(info, x):
+def legacy_patches(info, x):
+    """The patches as main built them before issue 14 (``F.unfold``); also the
+    reference of tests/test_conv_statistics.py."""
     if info.kind == "conv1d":
         x = x.unsqueeze(-2)
     if info.groups > 1:
@@ -143,7 +145,7 @@ def legacy():
     """The statistics of main before issue 14 (98181fd): ``F.unfold`` patches, rows
     copied to [R, d] (with the bias column), ``project_inner`` for every structure."""
     saved = (_layers._patches, _statistics._sum_of_squares)
-    _layers._patches = _legacy_patches
+    _layers._patches = legacy_patches
     _statistics._sum_of_squares = _legacy_sum_of_squares
     try:
         yield

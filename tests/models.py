@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,3 +124,19 @@ class LinearUsedByWeight(nn.Module):
 
     def forward(self, x):
         return F.linear(torch.tanh(self.a(x)), self.b.weight, self.b.bias)
+
+
+# every structure family once, small sizes (the compile tests)
+FAMILIES = [
+    "dense", "diagonal", "block3diagonal", "hierarchical3_2", "triltoeplitz",
+    "triutoeplitz", "triltopleftdiag", "trilbottomrightdiag", "triutopleftdiag",
+    "triubottomrightdiag",
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """dynamo's caches and counters reset around each test of a module that imports it."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -14,33 +14,15 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import singd_functional as sf
+from benchmarks.conv_stats import legacy_patches as unfold_patches
 from singd_functional import structures
 from singd_functional.capture import LayerCapture
 from singd_functional.layers import _patches
 from singd_functional.statistics import _gram, layer_part, loss_scale
 from tests.test_structures import CASES, IDS, close, random_member
-
-
-def unfold_patches(info, x):
-    """The patches as main built them before issue 14: ``F.unfold``."""
-    if info.kind == "conv1d":
-        x = x.unsqueeze(-2)
-    if info.groups > 1:
-        n, ch = x.shape[0], x.shape[1]
-        x = x.reshape(n, info.groups, ch // info.groups, *x.shape[2:]).mean(1)
-    top, bottom, left, right = info.padding
-    padding = (top, left)
-    if info.padding_mode != "zeros" or top != bottom or left != right:
-        mode = "constant" if info.padding_mode == "zeros" else info.padding_mode
-        x = F.pad(x, (left, right, top, bottom), mode=mode)
-        padding = (0, 0)
-    return F.unfold(x, info.kernel_size, dilation=info.dilation, padding=padding,
-                    stride=info.stride)
-
 
 CONV2D = [
     dict(kernel_size=k, stride=s, padding=p, dilation=d, groups=g, padding_mode=m)

@@ -21,20 +21,10 @@ from torch import nn
 
 import singd_functional as sf
 from singd_functional import _compile
-from tests.models import make_batch, make_loss, make_model
+from tests.models import FAMILIES, fresh_dynamo, make_batch, make_loss, make_model
 
-FAMILIES = [
-    "dense", "diagonal", "block3diagonal", "hierarchical3_2", "triltoeplitz",
-    "triutoeplitz", "triltopleftdiag", "trilbottomrightdiag", "triutopleftdiag",
-    "triubottomrightdiag",
-]
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+# (fresh_dynamo: an autouse fixture, imported to apply to this module)
+_ = fresh_dynamo
 
 
 def graphs() -> int:
