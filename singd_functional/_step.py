@@ -13,8 +13,8 @@ gradients are reduced with the statistics (``_distributed.all_reduce_step``).
 
 A group without statistics this step (otherwise) takes the core's preconditioning stage
 alone and does weight decay, heavy-ball, lr and the parameter update in place, fused
-over its parameters (``_lean_update``): the same numbers, bit for bit, without the
-core's fresh tensors per parameter.
+over its parameters (``_lean_update``): the core's numbers to a rounding (the
+heavy-ball's, as torch.optim.SGD rounds it), without its fresh tensors per parameter.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import warnings
 from typing import NamedTuple
 
-import optree
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -40,7 +39,6 @@ from ._groups import (
     locked,
     store_factors,
 )
-from ._pytree import PYTREE_NAMESPACE
 from .factors import Factors
 from .fallbacks import _check_velocity, _decayed_, _descend_, _heavy_ball_
 from .precondition import outer_products
@@ -382,7 +380,7 @@ def _apply(optimizer, plan: _Plan, updates, new: SINGDState, ok: Tensor | None,
         updates = {k: guard.zero_where_not_(ok, u) for k, u in updates.items()}  # ours
     if any(k is not None for k in keep.values()):
         def pick(tree, old_tree):
-            return {n: _select_into_new(keep[n], t, old_tree[n])
+            return {n: guard.select(keep[n], t, old_tree[n], into_new=True)
                     if keep.get(n) is not None and n in old_tree else t
                     for n, t in tree.items()}
         factors = pick(new.factors, old.factors)
@@ -469,26 +467,6 @@ def _fresh(cached: dict | None, factors: Factors) -> bool:
         cached[k].dtype == M.dtype and cached[k].device == M.device
         for k, M in (("K", factors.K), ("C", factors.C)) if k in cached
     )
-
-
-def _select_into_new(ok: Tensor, new, old):
-    """``guard.select(ok, new, old)`` written into ``new``'s leaves where that is exact.
-
-    The leaves the core made this step (new factors, momenta, products) are owned by
-    nobody else: ``torch.where(..., out=new)`` then selects without a second copy of
-    them (for dense factors, four d x d matrices per layer less at the step's peak).
-    A leaf that shares storage with its old one, or that ``out=`` cannot take, is
-    selected out of place as before.
-    """
-    def pick(n, o):
-        if n is o or not isinstance(n, Tensor):
-            return n
-        if (n.is_contiguous() and n.shape == o.shape and n.dtype == o.dtype
-                and n.untyped_storage().data_ptr() != o.untyped_storage().data_ptr()):
-            return torch.where(ok, n, o, out=n)
-        return torch.where(ok, n, o)
-
-    return optree.tree_map(pick, new, old, namespace=PYTREE_NAMESPACE)
 
 
 def hyperparams(grp: Group, group: dict, due: bool) -> HyperParams:

@@ -88,12 +88,22 @@ def changed_leaves(new: Any, old: Any) -> list[tuple[Tensor, Tensor]]:
     ]
 
 
-def select(ok: Tensor, new: Any, old: Any) -> Any:
-    """Leaf by leaf ``new`` where ``ok`` (0-d bool) else ``old``; shared leaves pass as they are."""
+def select(ok: Tensor, new: Any, old: Any, into_new: bool = False) -> Any:
+    """Leaf by leaf ``new`` where ``ok`` (0-d bool) else ``old``; shared leaves pass as they are.
+
+    ``into_new``: the selection is written into ``new``'s leaves where that is exact (the
+    caller owns them: e.g. the drop-in's factors made this step), which saves a second
+    copy of them (for dense factors, four d x d matrices per layer at a statistics
+    step's peak); a leaf that shares storage with its old one, or that ``out=`` cannot
+    take, is selected out of place.
+    """
 
     def pick(n, o):
         if n is o or not isinstance(n, Tensor):
             return n
+        if (into_new and n.is_contiguous() and n.shape == o.shape and n.dtype == o.dtype
+                and n.untyped_storage().data_ptr() != o.untyped_storage().data_ptr()):
+            return torch.where(ok, n, o, out=n)
         return torch.where(ok, n, o)
 
     return optree.tree_map(pick, new, old, namespace=PYTREE_NAMESPACE)
