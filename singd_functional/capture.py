@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .layers import LayerInfo, layer_kind
+from .structures._base import _under_transform
 
 
 class LayerCapture(NamedTuple):
@@ -567,15 +568,6 @@ def _loss_and_grads(model, loss_fn, params, buffers, inputs, targets):
 def _grad_and_aux(loss_of, params, perturbations):
     (g_params, g_pert), aux = _differentiate(loss_of, params, perturbations)
     return g_params, g_pert, aux
-
-
-def _under_transform() -> bool:
-    """True inside ``torch.compile`` or a torch.func transform (vmap, grad, ...).
-
-    ``peek_interpreter_stack`` is private; it is the only way to ask whether a
-    functorch transform is active (``structures._base._eager`` asks the same).
-    """
-    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _differentiate(loss_of, params, perturbations=None):

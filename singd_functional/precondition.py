@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .layers import LayerInfo, layer_kind
 from .structures import StructuredMatrix
+from .structures._base import _eager
 from .structures.diagonal import Diagonal
 
 
@@ -37,31 +38,26 @@ def natural_gradient(
     of two.
     """
     cached = cached or {}
-    dtype = G.dtype
-
-    def left(X: Tensor) -> Tensor:  # C C^T X
-        X = X.to(C.dtype)
-        return cached["C"].matmat(X) if "C" in cached else C.outer_matmat(X)
-
-    def right(X: Tensor) -> Tensor:  # X K K^T: K K^T is symmetric, a row-form product
-        X = X.to(K.dtype)
-        return cached["K"].matmat_right(X) if "K" in cached else K.outer_matmat_right(X)
-
     if K.row_form_transposed:
         # X K K^T comes out column-major (block-diagonal): form it first, so that the
         # column-form C C^T (.) writes D in row order. A column-major D made every later
         # elementwise pass over it (momentum, apply) stride across rows: the natural
         # gradient plus one update of the weights measured 0.45-0.76x the other order's
         # time at d = 513-2049 (block30diagonal, cached products).
-        return left(right(G)).to(dtype)
-    return right(left(G)).to(dtype)
+        return _outer_left(C, _outer_right(K, G, cached), cached).to(G.dtype)
+    return _outer_right(K, _outer_left(C, G, cached), cached).to(G.dtype)
 
 
-def _left_product(K: StructuredMatrix, C: StructuredMatrix, G: Tensor, cached: dict) -> Tensor:
-    """C C^T G, in K's dtype (as in :func:`natural_gradient`)."""
-    G = G.to(C.dtype)
-    left = cached["C"].matmat(G) if "C" in cached else C.outer_matmat(G)
-    return left.to(K.dtype)
+def _outer_left(C: StructuredMatrix, X: Tensor, cached: dict) -> Tensor:
+    """C C^T X in C's dtype (``cached["C"]``: C C^T, one product instead of two)."""
+    X = X.to(C.dtype)
+    return cached["C"].matmat(X) if "C" in cached else C.outer_matmat(X)
+
+
+def _outer_right(K: StructuredMatrix, X: Tensor, cached: dict) -> Tensor:
+    """X K K^T in K's dtype: K K^T is symmetric, so a row-form product."""
+    X = X.to(K.dtype)
+    return cached["K"].matmat_right(X) if "K" in cached else K.outer_matmat_right(X)
 
 
 def outer_products(K: StructuredMatrix, C: StructuredMatrix) -> dict[str, StructuredMatrix]:
@@ -106,7 +102,7 @@ def layer_directions(
     left = {"C": cached["C"]} if "C" in cached else {}
     kind, d_in = layer_kind(info), info.d_in
     G_W = kind.weight_matrix(info, grads[info.weight])
-    left_W = _left_product(K, C, G_W, left)
+    left_W = _outer_left(C, G_W, left).to(K.dtype)
     # times k^2 in place where C C^T G is a fresh eager tensor: one weight-sized tensor
     # less per layer and step (the drop-in's plain step 0.904x), the same numbers
     if _writable(left_W, G_W):
@@ -124,8 +120,5 @@ def _writable(result: Tensor, source: Tensor) -> bool:
     outside autograd that does not share ``source``'s memory (no structure returns its
     argument, but none promises it). Traced (``torch.compile`` fuses the products
     anyway) or under a functorch transform (vmap, grad): no."""
-    if torch.compiler.is_compiling() or result.requires_grad:
-        return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(result):
-        return False
-    return result.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+    return _eager(result) and (
+        result.untyped_storage().data_ptr() != source.untyped_storage().data_ptr())

@@ -281,10 +281,19 @@ class StructuredMatrix:
         return self.matmat(other)
 
 
+def _under_transform() -> bool:
+    """True inside ``torch.compile`` or a torch.func transform (vmap, grad, ...).
+
+    ``peek_interpreter_stack`` is private; it is the only way to ask whether a
+    functorch transform is active.
+    """
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _eager(*tensors: Tensor) -> bool:
     """True when products may write into buffers (``out=``, in-place): outside vmap,
     torch.func.grad and torch.compile, and with no tensor needing autograd."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if _under_transform():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
