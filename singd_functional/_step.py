@@ -15,6 +15,10 @@ A group without statistics this step (otherwise) takes the core's preconditionin
 alone and does weight decay, heavy-ball, lr and the parameter update in place, fused
 over its parameters (``_lean_update``): the core's numbers to a rounding (the
 heavy-ball's, as torch.optim.SGD rounds it), without its fresh tensors per parameter.
+A group with statistics does the same after its factor update, which the eager drop-in
+(no ``compile=``) writes layer by layer into the state's own tensors
+(``_update_factors_``): one layer's temporaries alive at a time, no second copy of the
+factors.
 """
 
 from __future__ import annotations
@@ -60,10 +64,12 @@ def step(optimizer) -> None:
     instead, ``guard.zero_where_not_``), lr and weight decay times ok, momentum 1 where
     not ok; then v <- 1 v + 0 and the update -0 v leave everything as it was, at the
     cost of one check over the gradients and one cheap pass over the directions.
-    Groups with statistics update first, as usual; the verdict then also
-    takes their new factors, momenta and buffers (a bad statistic or an overflowing
-    update shows there), and each of their changed tensors is selected with
-    ``torch.where``.
+    Groups with statistics: the verdict also takes their statistics; eagerly, each
+    layer's factors are then written where ok (``_update_factors_``: a layer whose
+    update overflows from finite statistics keeps its factors, the step goes on) and
+    the rest is as above. Under ``compile=``, fully_shard or split_work they take the
+    core's update first; the verdict then also takes its new factors, momenta and
+    buffers, and each changed tensor is selected with ``torch.where`` (``_apply``).
     """
     for grp, group in zip(optimizer._groups, optimizer.param_groups):
         check(grp, group)  # every group before any changes: a step is all or nothing
@@ -86,14 +92,23 @@ def step(optimizer) -> None:
         # plain groups step in place (_lean_update), guarded or not, so that the guard
         # changes no bit of a kept step; fully_shard / split_work keep the core's path
         lean = optimizer._lean and not sharded and not optimizer.split_work
+        del statistics  # (the plans hold them: each layer's is let go once it is used)
         results: dict[int, tuple] = {}
+        in_place = []  # groups with statistics whose factors update in place (eager)
         for n, (plan, group) in enumerate(live):
-            if plan.statistics or (ok is None and not lean):
+            if plan.statistics and lean:
+                in_place.append(n)
+            elif plan.statistics or (ok is None and not lean):
                 results[n] = _update(optimizer, plan, group, grad_scale, None)
-        if ok is not None and results:
+        if ok is not None and (results or in_place):
             changed = [leaf for n, (_, new) in results.items()
                        for leaf, _ in guard.changed_leaves(new, live[n][0].state)]
+            changed += [t for n in in_place for stats in live[n][0].statistics.values()
+                        for M in stats for t in M.leaves]
             ok = ok & guard.all_finite(changed, device=ok.device)
+            del changed
+        for n in in_place:
+            _update_factors_(*live[n], ok, present)
         selected = set(results) if ok is not None else set()
         for n, (plan, group) in enumerate(live):
             if n in results:
@@ -323,6 +338,69 @@ def _update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None
             owners=_owners(optimizer, split_group), group=split_group, **options,
         )
     return group_transform(grp, group, active).update(grads, plan.state, plan.params, **options)
+
+
+def _update_factors_(plan: _Plan, group: dict, ok: Tensor | None, present: dict) -> None:
+    """The factor update of a group with statistics, layer by layer into the state's own
+    tensors (``step``), then their products; ``plan.state`` holds the new factors for
+    the step's directions (``_lean_update``).
+
+    Eagerly (no ``compile=``), each layer's statistics are the step's own (written over:
+    its new momenta) and are let go with its temporaries before the next layer's
+    update, so that one layer's work is alive at a time; the products are built from
+    the factors written. Written where ``ok`` (and where some process had statistics,
+    ``present``) and, guarded, where the layer's new factors and momenta are finite: a
+    layer whose update overflows from finite statistics keeps its factors.
+    """
+    hp = hyperparams(plan.grp, group, due=True)
+    update = group_directions(plan.grp, group, plan.active).update_layer
+    state, old_products = plan.state, dict(plan.old_products)
+    plan.old_products.clear()
+    made: dict[str, tuple] = {}
+    for name in list(plan.statistics):
+        K_C, m, products = update(state.factors[name], state.momenta.get(name),
+                                  plan.statistics.pop(name), hp.damping,
+                                  0.0 if hp.alpha1 is None else hp.alpha1, hp.lr_cov)
+        keep = present.get(name)
+        keep = ok if keep is None else keep if ok is None else ok & keep
+        if ok is not None:
+            leaves = [t for M in (*K_C, *(m or ())) for t in M.leaves]
+            finite = guard.all_finite(leaves, device=ok.device)
+            keep = finite if keep is None else keep & finite
+            del leaves
+        factors = _write_(keep, K_C, state.factors[name])
+        momenta = None if m is None else _write_(keep, m, state.momenta[name])
+        del K_C, m
+        state.factors[name] = factors
+        if momenta is not None:
+            state.momenta[name] = momenta
+        store_factors(plan.layer_state[name], factors, momenta)
+        made[name] = (products, keep)
+        del products
+    if group["T"] > 1:  # the cached products (_cached_products), once all layers are done
+        for name, (products, keep) in made.items():
+            if products is None or (keep is not None and name not in old_products):
+                products = outer_products(*state.factors[name])
+            elif keep is not None:  # (compile=: the kernel's, or the old ones)
+                products = guard.select(keep, products, old_products.pop(name))
+            state.products[name] = products
+
+
+def _write_(keep: Tensor | None, new: Factors, old: Factors) -> Factors:
+    """``new`` where ``keep`` (0-d bool; None: everywhere), written into ``old``'s leaves
+    where they can take it (contiguous, of its shapes and dtypes); else selected anew."""
+    leaves = [(n, o) for M, O in zip(new, old) for n, o in zip(M.leaves, O.leaves)]
+    if not all(o.is_contiguous() and o.shape == n.shape and o.dtype == n.dtype
+               for n, o in leaves):
+        return new if keep is None else guard.select(keep, new, old)
+    for n, o in leaves:
+        if n is o:
+            continue
+        if keep is None:
+            o.copy_(n)
+        else:
+            torch.where(keep, n, o, out=o)
+    return old
 
 
 def _lean_update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None) -> None:
