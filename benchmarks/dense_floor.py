@@ -19,7 +19,9 @@ T > 1 (``structures._base._symmetric_product`` for the symmetric ones, as the de
 structure does). The preconditioned gradient C C^T G K K^T is 2 products with the cache
 (ours, T > 1) and 4 without (the official, every step; ours at T = 1).
 
-``python -m benchmarks.dense_floor [--budget 60]`` writes ``results/dense_floor.md``.
+The same for two ``Linear(d, d)`` at T = 10 (issue 14's widths target, dense <= 0.7x from
+d = 512). ``python -m benchmarks.dense_floor [--budget 60] [--widths 512 1024]`` writes
+``results/dense_floor.md``.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from . import contenders as ct
 from . import models, timing
 from .contenders import Config
 
-MODEL = "mlp"
-LAYERS = ((785, 512), (513, 512), (513, 10))  # (d_K, d_C): [W | b] of each Linear
+# (d_K, d_C) of each Linear ([W | b]); batch 128 in both
+LAYERS = {"mlp": ((785, 512), (513, 512), (513, 10)),
+          **{f"wide{d}": ((d + 1, d), (d + 1, d)) for d in models.WIDTHS}}
 BATCH = 128
 RESULTS = Path(__file__).parent / "results"
 
@@ -51,11 +54,11 @@ def _factor(d: int, gen) -> dict:
             "U": torch.randn(d, BATCH, generator=gen)}
 
 
-def gemm_cycle(T: int, ours: bool) -> Callable[[], None]:
+def gemm_cycle(model: str, T: int, ours: bool) -> Callable[[], None]:
     """One T-cycle's products of ours (``ours``) or of the official package."""
     gen = torch.Generator().manual_seed(0)
     sides = [(_factor(dK, gen), _factor(dC, gen), torch.randn(dC, dK, generator=gen))
-             for dK, dC in LAYERS]
+             for dK, dC in LAYERS[model]]
     cache = ours and T > 1
     sym = _symmetric_product if ours else torch.matmul
 
@@ -86,14 +89,14 @@ def gemm_cycle(T: int, ours: bool) -> Callable[[], None]:
     return cycle
 
 
-def measure(T: int, budget_s: float, seed: int = 0) -> dict:
+def measure(model: str, T: int, budget_s: float, seed: int = 0) -> dict:
     """Median CPU and wall ms per T-cycle of each program, interleaved round-robin."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fb = ct.make(Config("fwd+bwd", MODEL, T))
-        official = ct.make(Config("official", MODEL, T, "dense", "singd"))
-        adapter = ct.make(Config("adapter", MODEL, T, "dense", "singd"))
-    data = models.batches(MODEL, 4)
+        fb = ct.make(Config("fwd+bwd", model, T))
+        official = ct.make(Config("official", model, T, "dense", "singd"))
+        adapter = ct.make(Config("adapter", model, T, "dense", "singd"))
+    data = models.batches(model, 4)
 
     def steps(c):
         def run():
@@ -101,8 +104,8 @@ def measure(T: int, budget_s: float, seed: int = 0) -> dict:
                 c.step(*data[c.steps % len(data)])
         return run
 
-    programs = {"fwd+bwd": steps(fb), "ours GEMMs": gemm_cycle(T, True),
-                "official GEMMs": gemm_cycle(T, False), "official": steps(official),
+    programs = {"fwd+bwd": steps(fb), "ours GEMMs": gemm_cycle(model, T, True),
+                "official GEMMs": gemm_cycle(model, T, False), "official": steps(official),
                 "adapter": steps(adapter)}
     cpu: dict[str, list[float]] = {k: [] for k in programs}
     wall: dict[str, list[float]] = {k: [] for k in programs}
@@ -121,7 +124,7 @@ def measure(T: int, budget_s: float, seed: int = 0) -> dict:
             wall[k].append((time.perf_counter() - t0) * 1e3)
         rounds += 1
     med = {k: timing.quantiles(v)[1] for k, v in cpu.items()}
-    return {"T": T, "rounds": rounds, "load": [load_before, timing.load_average()],
+    return {"model": model, "T": T, "rounds": rounds, "load": [load_before, timing.load_average()],
             "cpu_ms": med, "wall_ms": {k: timing.quantiles(v)[1] for k, v in wall.items()},
             "floor": (med["fwd+bwd"] + med["ours GEMMs"])
             / (med["fwd+bwd"] + med["official GEMMs"]),
@@ -130,15 +133,15 @@ def measure(T: int, budget_s: float, seed: int = 0) -> dict:
 
 
 def report(results: list[dict]) -> list[str]:
-    L = ["# Dense floor: the GEMMs of a T-cycle alone (MLP 784-512-512-10, batch 128)", "",
+    L = ["# Dense floor: the GEMMs of a T-cycle alone", "",
          "Made by `python -m benchmarks.dense_floor` (see its docstring); 1 thread, thread "
          "CPU time, medians of an interleaved run; ms per T-cycle.", "",
-         "| T | fwd+bwd | ours GEMMs | official GEMMs | official step | drop-in step | "
+         "| model | T | fwd+bwd | ours GEMMs | official GEMMs | official step | drop-in step | "
          "GEMM floor | our floor / official | measured drop-in / official | rounds | load |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = r["cpu_ms"]
-        L.append(f"| {r['T']} | {m['fwd+bwd']:.1f} | {m['ours GEMMs']:.1f} | "
+        L.append(f"| {models.SPECS[r['model']].description} | {r['T']} | {m['fwd+bwd']:.1f} | {m['ours GEMMs']:.1f} | "
                  f"{m['official GEMMs']:.1f} | {m['official']:.1f} | {m['adapter']:.1f} | "
                  f"{r['floor']:.3f} | {r['floor_vs_official']:.3f} | {r['measured']:.3f} | "
                  f"{r['rounds']} | {r['load'][0]} -> {r['load'][1]} |")
@@ -148,11 +151,14 @@ def report(results: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.dense_floor", description=__doc__)
     p.add_argument("--budget", type=float, default=60.0, help="seconds per T")
-    p.add_argument("-T", nargs="+", type=int, default=[10, 1])
+    p.add_argument("-T", nargs="+", type=int, default=[10, 1], help="with the MLP")
+    p.add_argument("--widths", nargs="*", type=int, default=[512], choices=models.WIDTHS,
+                   help="two Linear(d, d) at T = 10 (the widths target), after the MLP")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    results = [measure(T, args.budget * (1.0 if T > 1 else 0.5)) for T in args.T]
+    results = [measure("mlp", T, args.budget * (1.0 if T > 1 else 0.5)) for T in args.T]
+    results += [measure(f"wide{d}", 10, args.budget) for d in args.widths]
     lines = report(results)
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
