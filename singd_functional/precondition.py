@@ -39,7 +39,7 @@ def natural_gradient(
     """
     cached = cached or {}
     if K.row_form_transposed:
-        # X K K^T comes out column-major (block-diagonal): form it first, so that the
+        # X K K^T comes out column-major (dense, block-diagonal): form it first, so that the
         # column-form C C^T (.) writes D in row order. A column-major D made every later
         # elementwise pass over it (momentum, apply) stride across rows: the natural
         # gradient plus one update of the weights measured 0.45-0.76x the other order's
