@@ -108,7 +108,7 @@ def step(optimizer) -> None:
             ok = ok & guard.all_finite(changed, device=ok.device)
             del changed
         for n in in_place:
-            _update_factors_(*live[n], ok, present)
+            _update_factors_(optimizer, *live[n], ok, present)
         selected = set(results) if ok is not None else set()
         for n, (plan, group) in enumerate(live):
             if n in results:
@@ -340,7 +340,8 @@ def _update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None
     return group_transform(grp, group, active).update(grads, plan.state, plan.params, **options)
 
 
-def _update_factors_(plan: _Plan, group: dict, ok: Tensor | None, present: dict) -> None:
+def _update_factors_(optimizer, plan: _Plan, group: dict, ok: Tensor | None, present: dict
+                     ) -> None:
     """The factor update of a group with statistics, layer by layer into the state's own
     tensors (``step``), then their products; ``plan.state`` holds the new factors for
     the step's directions (``_lean_update``).
@@ -354,7 +355,9 @@ def _update_factors_(plan: _Plan, group: dict, ok: Tensor | None, present: dict)
     """
     hp = hyperparams(plan.grp, group, due=True)
     update = group_directions(plan.grp, group, plan.active).update_layer
-    state, old_products = plan.state, dict(plan.old_products)
+    state = plan.state
+    # (compile=: a skipped layer gets its old products back; eagerly they are let go)
+    old_products = dict(plan.old_products) if optimizer._kernels is not None else {}
     plan.old_products.clear()
     made: dict[str, tuple] = {}
     for name in list(plan.statistics):
