@@ -320,7 +320,9 @@ class HierarchicalOuter(StructuredMatrix):
         k1, n = self._k1, c2.shape[-1]
         X2 = X[..., k1 : k1 + n]
         Xh = torch.cat([X[..., :k1], X[..., k1 + n :]], dim=-1)
-        hub = X @ M  # symmetric: its hub rows are M^T
+        # symmetric: its hub columns are X M, formed as (M^T X^T)^T: MKL's GEMM with the
+        # long side of the product first took 0.58x the time (X [512, 785], 30 hub columns)
+        hub = (M.mT @ X.mT).mT
         if self._writes_into(X):
             out = X.new_empty(X.shape)
             mid = out[:, k1 : k1 + n]
