@@ -254,8 +254,8 @@ def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
     keys += [k for k in grp.plain if named[k].grad is not None]
     if not keys:
         return None
-    # one pass over the keys, one state lookup each (a small model's step is mostly
-    # such Python)
+    # one pass over the keys, one state lookup each (Python per key and layer is a
+    # large part of a small model's plain step)
     st_of = optimizer.state
     states, grads, params, velocity = {}, {}, {}, {}
     no_grad = set()  # a frozen bias beside a trained weight: a zero column in G, no update
