@@ -82,7 +82,8 @@ def split_layer_update(info: LayerInfo, D: Tensor, params) -> dict[str, Tensor]:
     W = params[info.weight]
     out = {info.weight: layer_kind(info).weight_from_matrix(info, D[:, : info.d_in], W)}
     if info.bias is not None:
-        out[info.bias] = D[:, info.d_in].reshape(params[info.bias].shape)
+        db, shape = D[:, info.d_in], params[info.bias].shape
+        out[info.bias] = db if db.shape == shape else db.reshape(shape)
     return out
 
 
