@@ -31,9 +31,8 @@ from ._groups import (
     LOCKED,
     Group,
     Layer,
-    all_layers,
     check_weight,
-    follow_params,
+    follow_weight,
     group_directions,
     group_transform,
     locked,
@@ -71,8 +70,10 @@ def step(optimizer) -> None:
     skips.warn_once()
     with torch.no_grad(), _recording.no_autocast():
         grad_scale, statistics_scale = _amp.scales(optimizer, _recording.has_parts(optimizer))
-        for layer in all_layers(optimizer._groups):
-            follow_params(optimizer, layer)
+        for grp, group in zip(optimizer._groups, optimizer.param_groups):
+            for layer in grp.layers:  # (their weights were checked above)
+                w = grp.weight(layer)
+                follow_weight(optimizer.state[w], w, group["preconditioner_dtype"])
         statistics, present, flag = _statistics(optimizer, statistics_scale)
         plans = [_plan(optimizer, grp, group, statistics.get(grp.index, {}))
                  for grp, group in zip(optimizer._groups, optimizer.param_groups)]
@@ -247,25 +248,31 @@ class _Plan(NamedTuple):
 
 def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
     """What the group's update needs, read from the optimizer; nothing is changed here."""
-    active = tuple(l for l in grp.layers if grp.weight(l).grad is not None)
-    layer_keys = {k for l in grp.layers for k in l.info.params}
+    named = grp.params
+    active = tuple(l for l in grp.layers if named[l.info.weight].grad is not None)
     keys = [k for l in active for k in l.info.params]
-    keys += [k for k, p in grp.params.items() if k not in layer_keys and p.grad is not None]
+    keys += [k for k in grp.plain if named[k].grad is not None]
     if not keys:
         return None
+    # one pass over the keys, one state lookup each (Python per key and layer is a
+    # large part of a small model's plain step)
     st_of = optimizer.state
+    states, grads, params, velocity = {}, {}, {}, {}
+    no_grad = set()  # a frozen bias beside a trained weight: a zero column in G, no update
     for k in keys:
-        p, st = grp.params[k], st_of[grp.params[k]]
+        p = named[k]
+        st = states[k] = st_of[p]
         v = st["momentum_buffer"]
         if v.dtype != p.dtype or v.device != p.device:
-            st["momentum_buffer"] = v.to(dtype=p.dtype, device=p.device)
-
-    # a frozen bias beside a trained weight: a zero column in G, and no update
-    no_grad = {k for k in keys if grp.params[k].grad is None}
-    grads = {k: torch.zeros_like(grp.params[k]) if k in no_grad else grp.params[k].grad
-             for k in keys}
-    params = {k: grp.params[k].detach() for k in keys}
-    layer_state = {l.name: st_of[grp.weight(l)] for l in active}
+            v = st["momentum_buffer"] = v.to(dtype=p.dtype, device=p.device)
+        velocity[k] = v
+        g = p.grad
+        if g is None:
+            no_grad.add(k)
+            g = torch.zeros_like(p)
+        grads[k] = g
+        params[k] = p.detach()
+    layer_state = {l.name: states[l.info.weight] for l in active}
     factors = {n: Factors(s["K"], s["C"]) for n, s in layer_state.items()}
     statistics = {n: s for n, s in statistics.items() if n in layer_state}
     # a guarded statistics step keeps the updating layers' old products aside (not passed
@@ -277,7 +284,7 @@ def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
         count=torch.tensor(group["step"]),
         factors=factors,
         momenta={n: Factors(s["m_K"], s["m_C"]) for n, s in layer_state.items() if "m_K" in s},
-        velocity={k: st_of[grp.params[k]]["momentum_buffer"] for k in keys},
+        velocity=velocity,
         fallback=(),
         products=_cached_products(active, factors, statistics) if group["T"] > 1 else {},
     )
