@@ -62,9 +62,31 @@ def all_finite(tensors: Iterable[Tensor], device: torch.device | None = None) ->
     """
     sums: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
-        if t.is_floating_point() and t.numel():
-            acc = torch.promote_types(t.dtype, torch.float32)
-            sums.setdefault((t.device, acc), []).append(t.sum(dtype=acc))
+        _add_sum(sums, t)
+    return _all_sums_finite(sums, device)
+
+
+def all_finite_cleaned_(tensors: Iterable[Tensor], device: torch.device | None = None) -> Tensor:
+    """:func:`all_finite`, and then each tensor made finite in place (``nan_to_num_``).
+
+    Tensor by tensor, so that the second pass finds the tensor in cache (measured on
+    the CPU: the check of a tensor written just before costs a third of one of cold
+    gradients). A finite tensor is unchanged.
+    """
+    sums: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        _add_sum(sums, t)
+        torch.nan_to_num_(t)
+    return _all_sums_finite(sums, device)
+
+
+def _add_sum(sums: dict, t: Tensor) -> None:
+    if t.is_floating_point() and t.numel():
+        acc = torch.promote_types(t.dtype, torch.float32)
+        sums.setdefault((t.device, acc), []).append(t.sum(dtype=acc))
+
+
+def _all_sums_finite(sums: dict, device: torch.device | None) -> Tensor:
     flags = [torch.stack(s).isfinite().all() for s in sums.values()]
     if not flags:
         return torch.ones((), dtype=torch.bool, device=device)
@@ -72,6 +94,16 @@ def all_finite(tensors: Iterable[Tensor], device: torch.device | None = None) ->
     ok = flags[0].to(target, non_blocking=True)
     for f in flags[1:]:
         ok = ok & f.to(target, non_blocking=True)
+    return ok
+
+
+def every(flags: Iterable[Tensor | None]) -> Tensor | None:
+    """The 0-d bool ``flags`` and-ed, on the first one's device; a None is True (and all
+    None give None: nothing to check)."""
+    ok = None
+    for f in flags:
+        if f is not None:
+            ok = f if ok is None else ok & f.to(ok.device, non_blocking=True)
     return ok
 
 
