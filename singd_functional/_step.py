@@ -296,7 +296,9 @@ def _gated(hp: HyperParams, gate: Tensor) -> HyperParams:
     assert lr is not None and momentum is not None and weight_decay is not None  # filled
     return hp._replace(
         lr=lr * wide,
-        momentum=torch.where(gate, wide.new_full((), 0.0) + momentum, wide.new_ones(())),
+        momentum=torch.where(gate, wide.new_full((), 0.0) + momentum
+                             if isinstance(momentum, Tensor) else wide.new_full((), momentum),
+                             1.0),
         weight_decay=weight_decay * wide if _nonzero(weight_decay) else weight_decay,
     )
 
@@ -391,7 +393,9 @@ def _apply(optimizer, plan: _Plan, updates, new: SINGDState, ok: Tensor | None,
     keep = {n: (present[n] if n in present else None) for n in plan.layer_state}
     if ok is not None:
         keep = {n: ok if k is None else ok & k for n, k in keep.items()}
-        new = new._replace(velocity=guard.select(ok, new.velocity, old.velocity))
+        # (the core's buffers and updates are fresh tensors, ours to write into)
+        new = new._replace(velocity=guard.select(ok, new.velocity, old.velocity,
+                                                 into_new=True))
         updates = {k: guard.zero_where_not_(ok, u) for k, u in updates.items()}  # ours
     if any(k is not None for k in keep.values()):
         def pick(tree, old_tree):
