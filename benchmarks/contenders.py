@@ -17,7 +17,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -145,6 +145,33 @@ def tensor_bytes(*objs) -> int:
     return sum(storages.values())
 
 
+def state_parts(held: dict[str, list], preconditioned: Iterable[str]) -> dict[str, dict]:
+    """Per trained parameter: its role (``"preconditioned"`` when it is part of a layer's
+    W~, else ``"momentum"``) and the bytes of the state ``held`` for it (a layer's
+    factors and their momenta are held for its weight)."""
+    pre = set(preconditioned)
+    return {name: {"role": "preconditioned" if name in pre else "momentum",
+                   "bytes": tensor_bytes(*objs)} for name, objs in held.items()}
+
+
+def state_split(ours: Contender, official: Contender) -> dict:
+    """Our state against the official's, parameter by parameter (:meth:`Contender.state_parts`):
+    the bytes of the parameters both train in the same role (ours with what it holds in
+    no part, its step counter), and ``{"name (role)": bytes}`` of the rest of each
+    (left out when empty)."""
+    mine, theirs = ours.state_parts(), official.state_parts()
+    alike = [n for n in mine if n in theirs and mine[n]["role"] == theirs[n]["role"]]
+    rest = ours.state_bytes() - sum(p["bytes"] for p in mine.values())
+
+    def others(parts):
+        return {f"{n} ({p['role']})": p["bytes"] for n, p in parts.items() if n not in alike}
+
+    out = {"state_alike_bytes": sum(mine[n]["bytes"] for n in alike) + rest,
+           "official_alike_bytes": sum(theirs[n]["bytes"] for n in alike),
+           "state_only_ours": others(mine), "state_only_official": others(theirs)}
+    return {k: v for k, v in out.items() if v != {}}
+
+
 # ------------------------------------------------------------------------ contenders
 class Contender:
     """Base: one model copy, a step counter, and the SINGD settings (if any)."""
@@ -174,6 +201,11 @@ class Contender:
     def state_bytes(self) -> int:
         """Bytes of the optimizer state (0 for forward+backward only)."""
         return 0
+
+    def state_parts(self) -> dict[str, dict]:
+        """Per trained parameter its role and state bytes (:func:`state_parts`); empty but
+        for SINGD. What :meth:`state_bytes` holds beyond their sum (a counter) is in none."""
+        return {}
 
     def cache_bytes(self) -> int:
         """Bytes the optimizer holds outside its state (a cache), if any."""
@@ -242,6 +274,18 @@ class Official(Contender):
         o = self.opt
         return tensor_bytes(o.Ks, o.Cs, o.m_Ks, o.m_Cs, o.state)
 
+    def state_parts(self):
+        o = self.opt
+        names = {p: n for n, p in self.model.named_parameters()}
+        trained = [names[p] for group in o.param_groups for p in group["params"]]
+        held: dict[str, list] = {n: [] for n in trained}
+        for p, st in o.state.items():
+            held[names[p]].append(st)
+        for module in o.Ks:
+            held[f"{module}.weight"] += [o.Ks[module], o.Cs[module], o.m_Ks.get(module),
+                                         o.m_Cs.get(module)]
+        return state_parts(held, [n for n in trained if n.rpartition(".")[0] in o.Ks])
+
 
 class Adapter(Contender):
     """Our drop-in ``sf.SINGD`` (a torch.optim.Optimizer over the pure core);
@@ -266,6 +310,14 @@ class Adapter(Contender):
 
     def state_bytes(self):
         return tensor_bytes(self.opt.state_dict()["state"])
+
+    def state_parts(self):
+        named = dict(self.model.named_parameters())
+        names = {p: n for n, p in named.items()}
+        held = {names[p]: [st] for p, st in self.opt.state.items()}
+        return state_parts(held, [k for info in sf.find_layers(self.model)
+                                  if "K" in self.opt.state.get(named[info.weight], {})
+                                  for k in info.params])
 
     def cache_bytes(self):
         # the adapter keeps K K^T, C C^T (T > 1) outside its state_dict
@@ -329,6 +381,14 @@ class Core(Contender):
 
     def state_bytes(self):
         return tensor_bytes(self.state)
+
+    def state_parts(self):
+        st = self.state
+        held = {k: [v] for k, v in st.velocity.items()}
+        for info in self.layers:
+            held[info.weight] += [st.factors.get(info.name), st.momenta.get(info.name),
+                                  st.products.get(info.name)]
+        return state_parts(held, [k for info in self.layers for k in info.params])
 
     def parameters(self):
         return {k: self.params[k] for k in self.trained}

@@ -234,6 +234,10 @@ def summarize_group(g, built, records, info, slow) -> dict:
                 r["cpu_amortized_ms"] / cpu)
             r[f"paired_{name}"] = None if j is None or i in slow or j in slow else (
                 timing.paired_ratio(records[i], records[j]))
+        off = by_label.get(refs.get("official"))
+        if (off is not None and c.cfg.kind != "official" and r["state_bytes"] is not None
+                and rows[off]["state_bytes"]):
+            r.update(ct.state_split(c, built[off]))
         if c.cfg.structure is not None and c.cfg.kind != "core":
             core = by_label.get(f"core:{c.cfg.method}:{c.cfg.structure}")
             if core is not None and built[core].steps == c.steps and not c.failed:

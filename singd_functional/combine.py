@@ -100,7 +100,7 @@ def apply_updates(
     out = {}
     for k, p in params.items():  # a loop: dynamo cannot read a comprehension's walrus cell
         u = updates.get(k)
-        out[k] = p if u is None else p + u.to(p.dtype)
+        out[k] = p if u is None else p + (u if u.dtype == p.dtype else u.to(p.dtype))
     return out
 
 

@@ -51,6 +51,11 @@ def _heavy_ball(updates: dict, velocity: dict, momentum) -> dict:
 def _scaled(updates: dict, lr) -> dict:
     """-lr u per key."""
     neg = -lr
+    if isinstance(neg, Tensor) and neg.dtype != torch.float32:
+        # a float32 product casts its 0-d operand to float32 first (a copy per call):
+        # cast once, the same value (lr is a 0-d float64 tensor in sweeps and schedules)
+        neg32 = neg.float()
+        return {k: u * (neg32 if u.dtype == torch.float32 else neg) for k, u in updates.items()}
     return {k: u * neg for k, u in updates.items()}
 
 

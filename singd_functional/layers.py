@@ -106,12 +106,16 @@ Describe = Callable[[str, nn.Module, Mapping[int, str]], "LayerInfo | tuple[Laye
 Rows = Callable[[LayerInfo, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
+# A Linear weight is its own matrix: asking the shape in Python skips a reshape to
+# the same shape (a torch call, ~1-3 us, a few per layer and step)
+
+
 def _flat_rows(info: LayerInfo, W: Tensor) -> Tensor:
-    return W.reshape(info.d_out, info.d_in)
+    return W if W.shape == (info.d_out, info.d_in) else W.reshape(info.d_out, info.d_in)
 
 
 def _shaped_like(info: LayerInfo, M: Tensor, W: Tensor) -> Tensor:
-    return M.reshape(W.shape)
+    return M if M.shape == W.shape else M.reshape(W.shape)
 
 
 @dataclass(frozen=True, eq=False)

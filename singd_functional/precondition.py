@@ -39,7 +39,7 @@ def natural_gradient(
     """
     cached = cached or {}
     if K.row_form_transposed:
-        # X K K^T comes out column-major (block-diagonal): form it first, so that the
+        # X K K^T comes out column-major (dense, block-diagonal): form it first, so that the
         # column-form C C^T (.) writes D in row order. A column-major D made every later
         # elementwise pass over it (momentum, apply) stride across rows: the natural
         # gradient plus one update of the weights measured 0.45-0.76x the other order's
@@ -76,7 +76,8 @@ def split_layer_update(info: LayerInfo, D: Tensor, params) -> dict[str, Tensor]:
     W = params[info.weight]
     out = {info.weight: layer_kind(info).weight_from_matrix(info, D[:, : info.d_in], W)}
     if info.bias is not None:
-        out[info.bias] = D[:, info.d_in].reshape(params[info.bias].shape)
+        db, shape = D[:, info.d_in], params[info.bias].shape
+        out[info.bias] = db if db.shape == shape else db.reshape(shape)
     return out
 
 

@@ -223,3 +223,81 @@ def test_tiny_measurements_carry_their_spreads():
     data = {"sweep": {"headline": head, "bound": bound}, "widths": result}
     keys = {t["key"] for t in report.targets(data) if t["status"] in ("pass", "MISS")}
     assert keys == {"hand", "sweep", "widths"}
+
+
+def test_state_target_compares_the_parameters_both_train_alike():
+    """Ours trains an embedding the official cannot see: that is a row of its own, not a
+    miss; the tensors both train are compared, and a larger state for them is a miss."""
+    alike = dict(state_bytes=1108, state_alike_bytes=1008, official_alike_bytes=1000,
+                 state_only_ours={"embed.weight (preconditioned)": 100})
+    gpt = [row("official", "diagonal", state_bytes=1000),
+           row("adapter", "diagonal", x_adamw=1.2, x_official=0.9, **alike)]
+    data = synthetic(groups=[{"model": "chargpt", "T": 10, "rows": gpt}])
+    state, = by_key(data["targets"], "state")
+    assert (state["measured"], state["status"]) == (1.0, "pass")
+    assert "1008 vs 1000 bytes of the parameters both train alike" in state["detail"]
+    only, = by_key(data["targets"], "state_only_ours")
+    assert (only["status"], only["measured"]) == ("info", 100 / 1024)
+    assert "chargpt T=10 singd diagonal: embed.weight (preconditioned) 100 B" in only["detail"]
+    assert [t["key"] for t in data["targets"]].index("state_only_ours") == (
+        [t["key"] for t in data["targets"]].index("state") + 1)
+    transformer, = by_key(data["targets"], "transformer")
+    assert "0.1 KiB of ours for parameters the official does not train" in transformer["detail"]
+
+    gpt[1].update(state_alike_bytes=1010, state_only_official={"tok.weight (momentum)": 40})
+    state, = by_key(report.targets(data), "state")
+    assert (state["measured"], state["status"]) == (1.002, "MISS")
+    assert "only the official trains tok.weight (momentum) 40 B" in state["detail"]
+
+
+class _Parts:
+    def __init__(self, total, parts):
+        self.total, self.parts = total, parts
+
+    def state_bytes(self):
+        return self.total
+
+    def state_parts(self):
+        return {n: {"role": role, "bytes": b} for n, (role, b) in self.parts.items()}
+
+
+def test_state_split_pairs_parameters_by_name_and_role():
+    from benchmarks import contenders
+
+    ours = _Parts(1000 + 8, {"fc.weight": ("preconditioned", 600), "fc.bias": ("preconditioned",
+                             40), "embed.weight": ("preconditioned", 300),
+                             "norm.weight": ("preconditioned", 60)})
+    official = _Parts(700, {"fc.weight": ("preconditioned", 600),
+                            "fc.bias": ("preconditioned", 40), "norm.weight": ("momentum", 60)})
+    split = contenders.state_split(ours, official)
+    assert split == {"state_alike_bytes": 648, "official_alike_bytes": 640,
+                     "state_only_ours": {"embed.weight (preconditioned)": 300,
+                                         "norm.weight (preconditioned)": 60},
+                     "state_only_official": {"norm.weight (momentum)": 60}}
+    assert contenders.state_split(official, official) == {"state_alike_bytes": 700,
+                                                         "official_alike_bytes": 700}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the embedding, layer norms, fx
+def test_state_parts_of_the_transformer_match_the_official_per_tensor():
+    """On benchmarks/models.py's transformer, ours and the official hold the same bytes for
+    every parameter both precondition; only ours trains the embedding."""
+    pytest.importorskip("singd")
+    from benchmarks import contenders, models
+
+    cfg = dict(model="transformer", T=10, structure="diagonal", method="singd")
+    x, y = models.batches("transformer", 1)[0]
+    built = {k: contenders.make(contenders.Config(k, **cfg)) for k in ("official", "adapter",
+                                                                     "core")}
+    for c in built.values():
+        c.step(x, y)
+    theirs = built["official"].state_parts()
+    assert sum(p["bytes"] for p in theirs.values()) == built["official"].state_bytes()
+    for kind in ("adapter", "core"):
+        ours = built[kind].state_parts()
+        assert {n: p for n, p in ours.items() if n != "embed.weight"} == theirs
+        split = contenders.state_split(built[kind], built["official"])
+        assert split["state_only_ours"] == {"embed.weight (preconditioned)":
+                                            ours["embed.weight"]["bytes"]}
+        assert split["state_alike_bytes"] - report.COUNTER_BYTES * (kind == "core") == (
+            split["official_alike_bytes"])
