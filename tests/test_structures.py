@@ -16,6 +16,7 @@ import torch.utils._pytree as torch_pytree
 
 from singd_functional import PYTREE_NAMESPACE as NS
 from singd_functional import structures
+from singd_functional.structures import _base
 from tests._dense_projection import project, storage
 
 SIZES = {
@@ -237,3 +238,43 @@ def test_outer_self_where_closed(name, d):
     else:
         with pytest.raises(TypeError):
             K.outer_self()
+
+
+# sizes on the blocked path of the symmetric products (its threshold, and one not a
+# multiple of the number of blocks)
+BLOCKED = [_base._SYMMETRIC_MIN, _base._SYMMETRIC_MIN + 7]
+
+
+def _symmetric_of(X, how):
+    """X^T X by ``_symmetric_product``, in place (eager), through autograd or under vmap."""
+    if how == "eager":
+        return _base._symmetric_product(X.mT, X)
+    if how == "autograd":
+        return _base._symmetric_product(X.mT, X.clone().requires_grad_()).detach()
+    return torch.func.vmap(lambda Y: _base._symmetric_product(Y.mT, Y))(X[None])[0]
+
+
+@pytest.mark.parametrize("n", BLOCKED)
+@pytest.mark.parametrize("how", ["eager", "autograd", "vmap"])
+def test_symmetric_product_equals_the_product_and_is_exactly_symmetric(n, how):
+    X = torch.randn(n + 3, n, dtype=torch.float64)
+    P = _symmetric_of(X, how)
+    close(P, X.mT @ X, 1e-14)
+    assert torch.equal(P, P.mT)
+
+
+def test_symmetric_product_below_the_threshold_is_one_product():
+    X = torch.randn(_base._SYMMETRIC_MIN - 1, 40, dtype=torch.float64)
+    assert torch.equal(_base._symmetric_product(X.mT, X), X.mT @ X)
+
+
+@pytest.mark.parametrize("d", BLOCKED)
+def test_dense_symmetric_products_on_the_blocked_path(d):
+    K = random_member(structures.get("dense"), d)
+    D, A = K.to_dense(), symmetric(d)
+    Y = torch.randn(d, d + 5, dtype=torch.float64)
+    for result, expected in ((K.gram(), D.T @ D), (K.outer_self(), D @ D.T),
+                             (K.project_inner_gram(A), D.T @ A @ D),
+                             (type(K).project_outer(Y), Y @ Y.T)):
+        close(result.to_dense(), expected, 1e-13)
+        assert torch.equal(result.to_dense(), result.to_dense().mT)
