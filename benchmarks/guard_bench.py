@@ -15,14 +15,21 @@ them), the ratio guarded / plain of the medians, and the median of per-round pai
 ratios of the mean step (so the statistics step is in it once per round).
 
     python -m benchmarks.guard_bench --rounds 20 --structures dense diagonal
+
+``--baseline-rev REV`` adds the drop-in face of the package at git revision ``REV``
+(guard on and off) to the same rounds: the before / after of a change to the guard,
+measured in one interleaved run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import random
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -71,9 +78,9 @@ def _pure(structure: str, guarded: bool, whole: bool, T: int, data):
     return step
 
 
-def _dropin(structure: str, guarded: bool, T: int, data):
+def _dropin(structure: str, guarded: bool, T: int, data, package=sf):
     model = _model()
-    opt = sf.SINGD(model, lr=1e-3, lr_cov=1e-2, T=T, structures=(structure, structure))
+    opt = package.SINGD(model, lr=1e-3, lr_cov=1e-2, T=T, structures=(structure, structure))
     if not guarded:
         if not hasattr(opt, "_guard"):
             raise RuntimeError("this SINGD has no unguarded step (opt._guard) to compare to")
@@ -90,8 +97,9 @@ def _dropin(structure: str, guarded: bool, T: int, data):
     return step
 
 
-def run(structures, rounds: int, T: int, faces) -> list[dict]:
+def run(structures, rounds: int, T: int, faces, baseline=None) -> list[dict]:
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
     data = _batches(T)
     rows = []
     for structure in structures:
@@ -104,6 +112,10 @@ def run(structures, rounds: int, T: int, faces) -> list[dict]:
         if "dropin" in faces:
             contenders[("drop-in step", False)] = _dropin(structure, False, T, data)
             contenders[("drop-in step", True)] = _dropin(structure, True, T, data)
+        if "dropin" in faces and baseline is not None:
+            for g in (False, True):
+                contenders[("drop-in step (baseline)", g)] = _dropin(structure, g, T, data,
+                                                                     baseline)
         times: dict = {k: [] for k in contenders}
         cpu: dict = {k: [] for k in contenders}
         per_round: dict = {k: [] for k in contenders}
@@ -143,8 +155,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--T", type=int, default=10)
     parser.add_argument("--faces", nargs="+", default=["pure", "dropin"])
+    parser.add_argument("--baseline-rev", default=None,
+                        help="also time the drop-in face at this git revision")
     args = parser.parse_args()
-    rows = run(args.structures, args.rounds, args.T, args.faces)
+    if args.baseline_rev is None:
+        rows = run(args.structures, args.rounds, args.T, args.faces)
+    else:
+        from .structures_bench import load_baseline
+
+        with tempfile.TemporaryDirectory() as tmp:
+            baseline = importlib.import_module(load_baseline(args.baseline_rev, Path(tmp)))
+            rows = run(args.structures, args.rounds, args.T, args.faces, baseline)
     print("| structure | what | plain CPU ms | guarded CPU ms | CPU ratio | paired CPU ratio "
           "(q25-q75) | wall plain / guarded ms | wall ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -692,7 +692,8 @@ def write(data, out_dir: Path, stem: str) -> list[Path]:
     md = out_dir / f"{stem}.md"
     js = out_dir / f"{stem}.json"
     md.write_text(markdown(data))
-    js.write_text(json.dumps(_rounded(data), indent=1, default=str))
+    # compact: the full run's JSON is ~220 KB so (indented, over 300 KB)
+    js.write_text(json.dumps(_rounded(data), separators=(",", ":"), default=str))
     paths = [md, js]
     png = chart(data, out_dir / f"{stem}.png")
     if png is not None:

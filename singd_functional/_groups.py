@@ -43,6 +43,11 @@ class Layer:
     # K K^T and C C^T between factor updates (T > 1); derived from K and C, so not
     # checkpointed (recomputed, bit-identically, after a load)
     products: dict | None = None
+    # (submodule path below ``module``, attribute) where the weight sits (_current_weight)
+    weight_site: tuple[str, str] = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.weight_site = _weight_site(self.info)
 
     @property
     def name(self) -> str:
@@ -61,6 +66,12 @@ class Group:
     transforms: dict = dataclasses.field(default_factory=dict)
     # the optimizer's compiled per-layer functions (_compile.Kernels), None: eager
     kernels: Any = None
+    # keys of the parameters outside the layers (the identity-preconditioned ones)
+    plain: tuple[str, ...] = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        owned = {k for layer in self.layers for k in layer.info.params}
+        self.plain = tuple(k for k in self.params if k not in owned)
 
     def weight(self, layer: Layer) -> Tensor:
         return self.params[layer.info.weight]
@@ -216,15 +227,20 @@ def store_factors(state: dict, factors: Factors, momenta: Factors | None) -> Non
 
 def follow_params(optimizer, layer: Layer) -> dict:
     """The layer's state, re-cast if the model was moved or cast since it was made."""
-    group, grp = optimizer.param_groups[layer.group], optimizer._groups[layer.group]
-    w = check_weight(grp, layer)
-    state = optimizer.state[w]
-    dtype_K, dtype_C = group["preconditioner_dtype"]
+    w = check_weight(optimizer._groups[layer.group], layer)
+    return follow_weight(optimizer.state[w], w,
+                         optimizer.param_groups[layer.group]["preconditioner_dtype"])
+
+
+def follow_weight(state: dict, w: Tensor, preconditioner_dtype) -> dict:
+    """:func:`follow_params` for a weight already checked (``check_weight``)."""
+    dtype_K, dtype_C = preconditioner_dtype
+    dtype_w, device = w.dtype, w.device
     for key, dtype in (("K", dtype_K), ("m_K", dtype_K), ("C", dtype_C), ("m_C", dtype_C)):
         M = state.get(key)
-        dtype = dtype or w.dtype
-        if M is not None and (M.dtype != dtype or M.device != w.device):
-            state[key] = M.to(dtype=dtype, device=w.device)
+        dtype = dtype or dtype_w
+        if M is not None and (M.dtype != dtype or M.device != device):
+            state[key] = M.to(dtype=dtype, device=device)
     return state
 
 
@@ -244,21 +260,27 @@ def check_weight(grp: Group, layer: Layer) -> Tensor:
 
 
 def _current_weight(layer: Layer):
-    """The tensor the layer's module holds now where its weight was (None: not found).
+    """The tensor the layer's module holds now where its weight was (None: not found)."""
+    path, attr = layer.weight_site
+    try:
+        return getattr(layer.module.get_submodule(path) if path else layer.module, attr)
+    except AttributeError:
+        return None
+
+
+def _weight_site(info: LayerInfo) -> tuple[str, str]:
+    """(submodule path below the layer's module, attribute) of the layer's weight.
 
     The weight key is the module's path plus the attribute path below it
     (``blocks.0.attn.in_proj_weight``, ``...attn.out_proj.weight``); a weight named from
     elsewhere (a tied weight first registered by another module) is the module's
     ``weight`` attribute.
     """
-    site, key = layer.info.site, layer.info.weight
+    site, key = info.site, info.weight
     if site == "" or key.startswith(site + "."):
         *path, attr = (key if site == "" else key[len(site) + 1:]).split(".")
-        try:
-            return getattr(layer.module.get_submodule(".".join(path)), attr)
-        except AttributeError:
-            return None
-    return getattr(layer.module, "weight", None)
+        return ".".join(path), attr
+    return "", "weight"
 
 
 def default_parameters(model: nn.Module, warn_unsupported: bool) -> list[Tensor]:
@@ -284,5 +306,4 @@ def default_parameters(model: nn.Module, warn_unsupported: bool) -> list[Tensor]
 
 def not_preconditioned(optimizer) -> list[str]:
     """Keys of the trained parameters that no layer owns (they get the identity step)."""
-    owned = {k for layer in all_layers(optimizer._groups) for k in layer.info.params}
-    return [k for grp in optimizer._groups for k in grp.params if k not in owned]
+    return [k for grp in optimizer._groups for k in grp.plain]

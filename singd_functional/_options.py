@@ -28,6 +28,9 @@ _NUMBERS = (
 )
 
 
+_REALS = (float, int)  # (not bool: type(True) is bool)
+
+
 def pair(value: Any, entry: str, what: str) -> tuple:
     """``structures`` / ``preconditioner_dtype`` as a (K, C) pair; one name means both."""
     if value is None and entry == "preconditioner_dtype":
@@ -80,7 +83,9 @@ def check_T(where: str, T: Any) -> None:
 
 
 def _number(where, entry, value, low, high, what, host_tensors) -> None:
-    if isinstance(value, Tensor):
+    if type(value) in _REALS:  # the usual case first, without the ABC check below
+        number = float(value)
+    elif isinstance(value, Tensor):
         if value.numel() != 1 or value.dtype.is_complex or value.dtype == torch.bool:
             raise TypeError(
                 f"{where}: {entry} ({what}) must be a real number or a 0-d tensor, got a "

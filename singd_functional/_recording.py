@@ -182,10 +182,17 @@ def take(optimizer) -> dict[str, list[Part]]:
     return parts
 
 
-def no_autocast() -> contextlib.ExitStack:
-    """Statistics and updates run in the factors' dtypes, whatever autocast region is open."""
+def no_autocast() -> contextlib.AbstractContextManager:
+    """Statistics and updates run in the factors' dtypes, whatever autocast region is open.
+
+    Only an open region is left (entering ``torch.autocast`` costs about as much as a
+    small layer's preconditioning op: every step enters this, and most outside autocast).
+    """
+    cuda = torch.cuda.is_available() and torch.is_autocast_enabled("cuda")
+    if not (cuda or torch.is_autocast_enabled("cpu")):
+        return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast("cpu", enabled=False))
-    if torch.cuda.is_available():
+    if cuda:
         stack.enter_context(torch.autocast("cuda", enabled=False))
     return stack

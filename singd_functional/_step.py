@@ -35,9 +35,8 @@ from ._groups import (
     LOCKED,
     Group,
     Layer,
-    all_layers,
     check_weight,
-    follow_params,
+    follow_weight,
     group_directions,
     group_transform,
     locked,
@@ -58,18 +57,20 @@ def step(optimizer) -> None:
     process. ``group["step"]`` counts the call all the same (it schedules T and
     ``lr_cov(t)`` and lives on the host, which cannot know the verdict without waiting).
 
-    Groups without statistics this step: the verdict is known before their update, so
-    it enters as numbers: their directions made finite and weighted by ok
-    (``_lean_update``; under fully_shard or split_work the gradients are zeroed in place
-    instead, ``guard.zero_where_not_``), lr and weight decay times ok, momentum 1 where
-    not ok; then v <- 1 v + 0 and the update -0 v leave everything as it was, at the
-    cost of one check over the gradients and one cheap pass over the directions.
-    Groups with statistics: the verdict also takes their statistics; eagerly, each
-    layer's factors are then written where ok (``_update_factors_``: a layer whose
-    update overflows from finite statistics keeps its factors, the step goes on) and
-    the rest is as above. Under ``compile=``, fully_shard or split_work they take the
-    core's update first; the verdict then also takes its new factors, momenta and
-    buffers, and each changed tensor is selected with ``torch.where`` (``_apply``).
+    Groups without statistics this step: their directions are computed first and
+    checked (a non-finite gradient shows in its direction; ``_lean_directions``), so the
+    verdict is known before their update and enters as numbers: the directions made
+    finite and weighted by ok (``_lean_update``), lr times ok, momentum 1 where not ok;
+    then v <- 1 v + 0 and the update -0 v leave everything as it was, at the cost of one
+    check and one cheap pass over the directions. (Under split_work their gradients are
+    checked instead and zeroed in place, ``guard.zero_where_not_``, and lr and weight
+    decay gated.) Groups with statistics, eagerly: the verdict takes their gradients and
+    statistics, then each layer's factors are written where ok (``_update_factors_``: a
+    layer whose update overflows from finite statistics keeps its factors, the step
+    goes on), and their directions follow as above (made finite; weighted by ok). Under
+    fully_shard or split_work they take the core's update first; the verdict takes its
+    new factors, momenta and buffers, and each changed tensor is selected with
+    ``torch.where`` (``_apply``).
     """
     for grp, group in zip(optimizer._groups, optimizer.param_groups):
         check(grp, group)  # every group before any changes: a step is all or nothing
@@ -77,45 +78,49 @@ def step(optimizer) -> None:
     skips.warn_once()
     with torch.no_grad(), _recording.no_autocast():
         grad_scale, statistics_scale = _amp.scales(optimizer, _recording.has_parts(optimizer))
-        for layer in all_layers(optimizer._groups):
-            follow_params(optimizer, layer)
+        for grp, group in zip(optimizer._groups, optimizer.param_groups):
+            for layer in grp.layers:  # (their weights were checked above)
+                w = grp.weight(layer)
+                follow_weight(optimizer.state[w], w, group["preconditioner_dtype"])
         statistics, present, flag = _statistics(optimizer, statistics_scale)
         plans = [_plan(optimizer, grp, group, statistics.get(grp.index, {}))
                  for grp, group in zip(optimizer._groups, optimizer.param_groups)]
         live = [(plan, group) for plan, group in zip(plans, optimizer.param_groups) if plan]
         # (not yet under fully_shard: its DTensor updates would need a DTensor verdict)
         sharded = any(_fsdp.is_sharded(p) for plan, _ in live for p in plan.params.values())
-        ok = _verdict(optimizer, [plan for plan, _ in live], flag) \
-            if optimizer._guard and live and not sharded else None
-        # groups with statistics first: their new factors enter the verdict, which the
-        # plain groups then take as numbers (gated); so one verdict holds for all groups
+        guarded = optimizer._guard and bool(live) and not sharded
         # plain groups step in place (_lean_update), guarded or not, so that the guard
         # changes no bit of a kept step; fully_shard / split_work keep the core's path
         lean = optimizer._lean and not sharded and not optimizer.split_work
         del statistics  # (the plans hold them: each layer's is let go once it is used)
+        in_place = [n for n, (plan, _) in enumerate(live) if plan.statistics and lean]
+        # the directions of the plain groups first, checked while in cache (one verdict
+        # for all groups: it also takes the new state of the groups with statistics)
+        directions = {n: _lean_directions(plan, group, grad_scale, guarded)
+                      for n, (plan, group) in enumerate(live) if lean and not plan.statistics}
+        ok = _verdict(optimizer, [plan for n, (plan, _) in enumerate(live)
+                                  if n in in_place or not (plan.statistics or lean)],
+                      flag) if guarded else None
         results: dict[int, tuple] = {}
-        in_place = []  # groups with statistics whose factors update in place (eager)
         for n, (plan, group) in enumerate(live):
-            if plan.statistics and lean:
-                in_place.append(n)
-            elif plan.statistics or (ok is None and not lean):
+            if n not in in_place and (plan.statistics or not (guarded or lean)):
                 results[n] = _update(optimizer, plan, group, grad_scale, None)
-        if ok is not None and (results or in_place):
+        if guarded:
             changed = [leaf for n, (_, new) in results.items()
                        for leaf, _ in guard.changed_leaves(new, live[n][0].state)]
             changed += [t for n in in_place for stats in live[n][0].statistics.values()
                         for M in stats for t in M.leaves]
-            ok = ok & guard.all_finite(changed, device=ok.device)
+            ok = guard.every([ok, *(finite for _, finite in directions.values()),
+                              guard.all_finite(changed) if changed else None])
             del changed
-        for n in in_place:
+        for n in in_place:  # written where ok; their directions are made finite (gated)
             _update_factors_(optimizer, *live[n], ok, present)
+            directions[n] = _lean_directions(*live[n], grad_scale, guarded)
         selected = set(results) if ok is not None else set()
         for n, (plan, group) in enumerate(live):
-            if n in results:
-                continue
-            if lean:
-                _lean_update(optimizer, plan, group, grad_scale, ok)  # applied in place
-            else:
+            if n in directions:
+                _lean_update(plan, *directions[n][0], ok)  # applied in place
+            elif n not in results:
                 results[n] = _update(optimizer, plan, group, grad_scale, ok)
         for n, (plan, _) in enumerate(live):
             if n in results:
@@ -148,16 +153,16 @@ def check(grp: Group, group: dict) -> None:
         check_weight(grp, layer)
 
 
-def _verdict(optimizer, plans, flag) -> Tensor:
-    """0-d bool: every gradient finite, GradScaler agrees, no process saw a bad statistic."""
+def _verdict(optimizer, plans, flag) -> Tensor | None:
+    """0-d bool: the gradients of ``plans`` finite, GradScaler agrees, no process saw a bad
+    statistic; None when there is nothing to check."""
     grads = [g for plan in plans for g in plan.grads.values()]
-    ok = guard.all_finite(grads, device=grads[0].device if grads else None)
     found_inf = _amp.found_inf(optimizer)
-    if found_inf is not None:
-        ok = ok & (found_inf.to(ok.device, non_blocking=True) == 0)
-    if flag is not None:
-        ok = ok & (flag.to(ok.device, non_blocking=True) == 0)
-    return ok
+    return guard.every([
+        guard.all_finite(grads) if grads else None,
+        None if found_inf is None else found_inf == 0,
+        None if flag is None else flag == 0,
+    ])
 
 
 def _statistics(optimizer, statistics_scale):
@@ -262,25 +267,31 @@ class _Plan(NamedTuple):
 
 def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
     """What the group's update needs, read from the optimizer; nothing is changed here."""
-    active = tuple(l for l in grp.layers if grp.weight(l).grad is not None)
-    layer_keys = {k for l in grp.layers for k in l.info.params}
+    named = grp.params
+    active = tuple(l for l in grp.layers if named[l.info.weight].grad is not None)
     keys = [k for l in active for k in l.info.params]
-    keys += [k for k, p in grp.params.items() if k not in layer_keys and p.grad is not None]
+    keys += [k for k in grp.plain if named[k].grad is not None]
     if not keys:
         return None
+    # one pass over the keys, one state lookup each (Python per key and layer is a
+    # large part of a small model's plain step)
     st_of = optimizer.state
+    states, grads, params, velocity = {}, {}, {}, {}
+    no_grad = set()  # a frozen bias beside a trained weight: a zero column in G, no update
     for k in keys:
-        p, st = grp.params[k], st_of[grp.params[k]]
+        p = named[k]
+        st = states[k] = st_of[p]
         v = st["momentum_buffer"]
         if v.dtype != p.dtype or v.device != p.device:
-            st["momentum_buffer"] = v.to(dtype=p.dtype, device=p.device)
-
-    # a frozen bias beside a trained weight: a zero column in G, and no update
-    no_grad = {k for k in keys if grp.params[k].grad is None}
-    grads = {k: torch.zeros_like(grp.params[k]) if k in no_grad else grp.params[k].grad
-             for k in keys}
-    params = {k: grp.params[k].detach() for k in keys}
-    layer_state = {l.name: st_of[grp.weight(l)] for l in active}
+            v = st["momentum_buffer"] = v.to(dtype=p.dtype, device=p.device)
+        velocity[k] = v
+        g = p.grad
+        if g is None:
+            no_grad.add(k)
+            g = torch.zeros_like(p)
+        grads[k] = g
+        params[k] = p.detach()
+    layer_state = {l.name: states[l.info.weight] for l in active}
     factors = {n: Factors(s["K"], s["C"]) for n, s in layer_state.items()}
     statistics = {n: s for n, s in statistics.items() if n in layer_state}
     # a guarded statistics step keeps the updating layers' old products aside (not passed
@@ -292,7 +303,7 @@ def _plan(optimizer, grp: Group, group: dict, statistics: dict) -> _Plan | None:
         count=torch.tensor(group["step"]),
         factors=factors,
         momenta={n: Factors(s["m_K"], s["m_C"]) for n, s in layer_state.items() if "m_K" in s},
-        velocity={k: st_of[grp.params[k]]["momentum_buffer"] for k in keys},
+        velocity=velocity,
         fallback=(),
         products=_cached_products(active, factors, statistics) if group["T"] > 1 else {},
     )
@@ -308,7 +319,9 @@ def _gated(hp: HyperParams, gate: Tensor) -> HyperParams:
     assert lr is not None and momentum is not None and weight_decay is not None  # filled
     return hp._replace(
         lr=lr * wide,
-        momentum=torch.where(gate, wide.new_full((), 0.0) + momentum, wide.new_ones(())),
+        momentum=torch.where(gate, wide.new_full((), 0.0) + momentum
+                             if isinstance(momentum, Tensor) else wide.new_full((), momentum),
+                             1.0),
         weight_decay=weight_decay * wide if _nonzero(weight_decay) else weight_decay,
     )
 
@@ -406,16 +419,17 @@ def _write_(keep: Tensor | None, new: Factors, old: Factors) -> Factors:
     return old
 
 
-def _lean_update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None) -> None:
-    """A step without statistics, in place: ``_update`` + ``_apply`` to a rounding.
+def _lean_directions(plan: _Plan, group: dict, grad_scale, guarded: bool
+                     ) -> tuple[tuple[HyperParams, list, list[Tensor]], Tensor | None]:
+    """The directions of a step without statistics, decayed: ``((hp, keys, directions),
+    finite)``; with ``guarded``, made finite in place and ``finite`` (0-d bool) says
+    whether they were (None otherwise).
 
-    The directions come from the core's preconditioning stage (``group_directions``:
-    C C^T G K K^T per layer, the gradient elsewhere); weight decay, heavy-ball, lr and
-    the parameter update are then done in place, fused over the group's parameters
-    (``fallbacks._decayed_``, ``_heavy_ball_``, ``_descend_``), on the state's own
-    momentum buffers. With ``gate``, the directions (not the gradients) are made finite
-    and weighted by it, and lr and momentum gated (``_gated``): a skipped step changes
-    nothing, bit for bit, at one pass over the directions.
+    They come from the core's preconditioning stage (``group_directions``: C C^T G K K^T
+    per layer, the gradient elsewhere), plus weight decay in place
+    (``fallbacks._decayed_``). A non-finite gradient shows in its direction (NaN and inf
+    propagate through the products, inf times 0 is NaN), so the directions are checked
+    instead of the gradients: just written, they are in cache.
     """
     grp = plan.grp
     hp = hyperparams(grp, group, due=False)
@@ -428,15 +442,26 @@ def _lean_update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor |
     # a direction that is the gradient itself (no layer, no loss scale) is not ours
     d = [directions[k] if directions[k] is not plan.grads[k] else directions[k].clone()
          for k in keys]
-    params = [plan.params[k] for k in keys]
+    _decayed_(d, [plan.params[k] for k in keys], hp.weight_decay)
+    finite = guard.all_finite_cleaned_(d) if guarded and d else None
+    return (hp, keys, d), finite
+
+
+def _lean_update(plan: _Plan, hp: HyperParams, keys: list, d: list, gate: Tensor | None) -> None:
+    """A step without statistics, in place: ``_update`` + ``_apply`` to a rounding.
+
+    Heavy-ball, lr and the parameter update in place on the directions of
+    ``_lean_directions``, fused over the group's parameters (``fallbacks._heavy_ball_``,
+    ``_descend_``), on the state's own momentum buffers. With ``gate`` (the directions
+    then are finite), they are weighted by it, and lr and momentum gated (``_gated``): a
+    skipped step changes nothing, bit for bit.
+    """
+    velocity = [plan.state.velocity[k] for k in keys]
     weight = None
-    _decayed_(d, params, hp.weight_decay)  # (ungated: zero directions are not needed)
     if gate is not None:
         hp, weight = _gated(hp, gate), gate.to(d[0].dtype) if d else None
-        for t in d:
-            torch.nan_to_num_(t)
-    _heavy_ball_([velocity[k] for k in keys], d, hp.momentum, weight)
-    _descend_(params, [velocity[k] for k in keys], hp.lr)
+    _heavy_ball_(velocity, d, hp.momentum, weight)
+    _descend_([plan.params[k] for k in keys], velocity, hp.lr)
     for layer in plan.active:
         if layer.name in plan.state.products:
             layer.products = plan.state.products[layer.name]
@@ -457,7 +482,9 @@ def _apply(optimizer, plan: _Plan, updates, new: SINGDState, ok: Tensor | None,
     keep = {n: (present[n] if n in present else None) for n in plan.layer_state}
     if ok is not None:
         keep = {n: ok if k is None else ok & k for n, k in keep.items()}
-        new = new._replace(velocity=guard.select(ok, new.velocity, old.velocity))
+        # (the core's buffers and updates are fresh tensors, ours to write into)
+        new = new._replace(velocity=guard.select(ok, new.velocity, old.velocity,
+                                                 into_new=True))
         updates = {k: guard.zero_where_not_(ok, u) for k, u in updates.items()}  # ours
     if any(k is not None for k in keep.values()):
         def pick(tree, old_tree):

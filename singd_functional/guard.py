@@ -62,10 +62,32 @@ def all_finite(tensors: Iterable[Tensor], device: torch.device | None = None) ->
     """
     sums: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
-        if t.is_floating_point() and t.numel():
-            acc = torch.promote_types(t.dtype, torch.float32)
-            sums.setdefault((t.device, acc), []).append(t.sum(dtype=acc))
-    flags = [torch.stack(s).isfinite().all() for s in sums.values()]
+        _add_sum(sums, t)
+    return _all_sums_finite(sums, device)
+
+
+def all_finite_cleaned_(tensors: Iterable[Tensor], device: torch.device | None = None) -> Tensor:
+    """:func:`all_finite`, and then each tensor made finite in place (``nan_to_num_``).
+
+    Tensor by tensor, so that the second pass finds the tensor in cache (measured on
+    the CPU: the check of a tensor written just before costs a third of one of cold
+    gradients). A finite tensor is unchanged.
+    """
+    sums: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        _add_sum(sums, t)
+        torch.nan_to_num_(t)
+    return _all_sums_finite(sums, device)
+
+
+def _add_sum(sums: dict, t: Tensor) -> None:
+    if t.is_floating_point() and t.numel():
+        acc = torch.promote_types(t.dtype, torch.float32)
+        sums.setdefault((t.device, acc), []).append(t.sum(dtype=acc))
+
+
+def _all_sums_finite(sums: dict, device: torch.device | None) -> Tensor:
+    flags = [_finite(torch.stack(s)) for s in sums.values()]
     if not flags:
         return torch.ones((), dtype=torch.bool, device=device)
     target = device if device is not None else flags[0].device
@@ -73,6 +95,22 @@ def all_finite(tensors: Iterable[Tensor], device: torch.device | None = None) ->
     for f in flags[1:]:
         ok = ok & f.to(target, non_blocking=True)
     return ok
+
+
+def every(flags: Iterable[Tensor | None]) -> Tensor | None:
+    """The 0-d bool ``flags`` and-ed, on the first one's device; a None is True (and all
+    None give None: nothing to check)."""
+    ok = None
+    for f in flags:
+        if f is not None:
+            ok = f if ok is None else ok & f.to(ok.device, non_blocking=True)
+    return ok
+
+
+def _finite(v: Tensor) -> Tensor:
+    # v - v is 0 exactly where v is finite (inf - inf and NaN are NaN): two ops where
+    # isfinite() takes four
+    return ((v - v) == 0).all()
 
 
 def _leaves(tree: Any) -> list:
@@ -94,19 +132,55 @@ def select(ok: Tensor, new: Any, old: Any, into_new: bool = False) -> Any:
     ``into_new``: the selection is written into ``new``'s leaves where that is exact (the
     caller owns them: e.g. the drop-in's factors made this step), which saves a second
     copy of them (for dense factors, four d x d matrices per layer at a statistics
-    step's peak); a leaf that shares storage with its old one, or that ``out=`` cannot
-    take, is selected out of place.
+    step's peak), and ``new`` itself is returned (no tree is rebuilt): big leaves on
+    their bits (``_select_bits_``), small ones with ``torch.where(..., out=)``. Where a
+    leaf shares storage with its old one, is not a contiguous float, or not of its old
+    one's shape and dtype, every leaf is selected out of place.
     """
+    gates: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+    if into_new:
+        new_leaves, new_spec = optree.tree_flatten(new, namespace=PYTREE_NAMESPACE)
+        old_leaves, old_spec = optree.tree_flatten(old, namespace=PYTREE_NAMESPACE)
+        pairs = [(n, o) for n, o in zip(new_leaves, old_leaves)
+                 if isinstance(n, Tensor) and n is not o]
+        if new_spec == old_spec and all(_writable(n, o) for n, o in pairs):
+            for n, o in pairs:  # all in place: ``new`` itself is the selection
+                if n.numel() >= _BITS_FROM and n.element_size() in _BITS:
+                    _select_bits_(ok, n, o, gates)
+                else:
+                    torch.where(ok, n, o, out=n)
+            return new
 
     def pick(n, o):
         if n is o or not isinstance(n, Tensor):
             return n
-        if (into_new and n.is_contiguous() and n.shape == o.shape and n.dtype == o.dtype
-                and n.untyped_storage().data_ptr() != o.untyped_storage().data_ptr()):
-            return torch.where(ok, n, o, out=n)
         return torch.where(ok, n, o)
 
     return optree.tree_map(pick, new, old, namespace=PYTREE_NAMESPACE)
+
+
+def _writable(n: Tensor, o: Tensor) -> bool:
+    return (isinstance(o, Tensor) and n.is_floating_point() and n.is_contiguous()
+            and n.shape == o.shape and n.dtype == o.dtype
+            and n.untyped_storage().data_ptr() != o.untyped_storage().data_ptr())
+
+
+# same-size integer dtypes: a float's bits times 1 or 0 are its bits or +0.0, whatever it holds
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BITS_FROM = 1 << 14  # entries; below, one torch.where costs less than the four ops
+
+
+def _select_bits_(ok: Tensor, new: Tensor, old: Tensor, gates: dict) -> Tensor:
+    """``new`` where ``ok`` else ``old``, written into ``new``: its bits times ok plus
+    ``old``'s times not ok, in integers, so exact whatever either holds (NaN, inf, -0.0).
+    Measured on the CPU: a fifth of ``torch.where(ok, new, old, out=new)``, whose kernel
+    is not vectorised. ``gates`` caches ok and not ok per integer dtype."""
+    bits = _BITS[new.element_size()]
+    if bits not in gates:
+        gates[bits] = (ok.to(bits), (~ok).to(bits))
+    keep, drop = gates[bits]
+    new.view(bits).mul_(keep).addcmul_(old.view(bits), drop)
+    return new
 
 
 def skip_nonfinite(tx: GradientTransformation) -> GradientTransformation:
@@ -163,7 +237,12 @@ def zero_where_not(ok: Tensor, t: Tensor) -> Tensor:
 
 def zero_where_not_(ok: Tensor, t: Tensor) -> Tensor:
     """:func:`zero_where_not` in place (no allocation: a fresh tensor of a big parameter's
-    size costs its page faults, about twice the two passes, measured on the CPU)."""
+    size costs its page faults, about twice the two passes, measured on the CPU); a
+    float's bits times ok in integers (``_select_bits_``), one pass."""
+    if t.is_floating_point() and t.element_size() in _BITS and t.is_contiguous():
+        bits = _BITS[t.element_size()]
+        t.view(bits).mul_(ok.to(bits))
+        return t
     return torch.nan_to_num_(t).mul_(ok.to(t.dtype))
 
 
@@ -186,7 +265,7 @@ class SkipCounter:
     def add(self, skipped: Tensor) -> None:
         if self.count is None or self.count.device != skipped.device:
             self.count = torch.zeros((), dtype=torch.int64, device=skipped.device)
-        self.count.add_(skipped.to(torch.int64))
+        self.count.add_(skipped)  # (bool into int64)
         if self._warned:
             return
         if self.count.device.type == "cuda":

@@ -50,14 +50,20 @@ def natural_gradient(
 
 def _outer_left(C: StructuredMatrix, X: Tensor, cached: dict) -> Tensor:
     """C C^T X in C's dtype (``cached["C"]``: C C^T, one product instead of two)."""
-    X = X.to(C.dtype)
+    X = _in(X, C.dtype)
     return cached["C"].matmat(X) if "C" in cached else C.outer_matmat(X)
 
 
 def _outer_right(K: StructuredMatrix, X: Tensor, cached: dict) -> Tensor:
     """X K K^T in K's dtype: K K^T is symmetric, so a row-form product."""
-    X = X.to(K.dtype)
+    X = _in(X, K.dtype)
     return cached["K"].matmat_right(X) if "K" in cached else K.outer_matmat_right(X)
+
+
+def _in(X: Tensor, dtype: torch.dtype) -> Tensor:
+    """``X.to(dtype)``, without the call where X already is in it (``Tensor.to`` costs
+    about a microsecond even then, and runs several times per layer and step)."""
+    return X if X.dtype == dtype else X.to(dtype)
 
 
 def outer_products(K: StructuredMatrix, C: StructuredMatrix) -> dict[str, StructuredMatrix]:
@@ -103,13 +109,13 @@ def layer_directions(
     left = {"C": cached["C"]} if "C" in cached else {}
     kind, d_in = layer_kind(info), info.d_in
     G_W = kind.weight_matrix(info, grads[info.weight])
-    left_W = _outer_left(C, G_W, left).to(K.dtype)
+    left_W = _in(_outer_left(C, G_W, left), K.dtype)
     # times k^2 in place where C C^T G is a fresh eager tensor: one weight-sized tensor
     # less per layer and step (the drop-in's plain step 0.904x), the same numbers
     if _writable(left_W, G_W):
-        D_W = left_W.mul_(KK.values[:d_in]).to(G_W.dtype)
+        D_W = _in(left_W.mul_(KK.values[:d_in]), G_W.dtype)
     else:
-        D_W = Diagonal(KK.values[:d_in]).matmat_right(left_W).to(G_W.dtype)
+        D_W = _in(Diagonal(KK.values[:d_in]).matmat_right(left_W), G_W.dtype)
     g_b = grads[info.bias].reshape(info.d_out, 1)
     D_b = natural_gradient(K, C, g_b, {**left, "K": Diagonal(KK.values[d_in:])})
     return {info.weight: kind.weight_from_matrix(info, D_W, grads[info.weight]),

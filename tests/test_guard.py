@@ -188,3 +188,50 @@ def test_the_guard_declares_what_it_wraps():
     with pytest.raises(TypeError, match="capture"):
         tx.update({k: torch.zeros_like(v) for k, v in params.items()}, tx.init(params), params,
                   capture=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("ok", [True, False])
+def test_select_into_new_is_bit_exact_whatever_the_leaves_hold(dtype, ok):
+    """In place, big leaves on their bits and small ones with where: NaN, inf and -0.0
+    survive on the side that is picked; the tree returned is ``new`` itself."""
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1.5])
+
+    def leaf(n, seed):
+        t = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        t[:6] = special.to(dtype).roll(seed)
+        return t
+
+    sizes = {"big": 1 << 15, "small": 7}  # either side of the bit path's threshold
+    new = {k: leaf(n, 1) for k, n in sizes.items()}
+    old = {k: leaf(n, 2) for k, n in sizes.items()}
+    want = {k: (new if ok else old)[k].clone() for k in sizes}
+    out = sf.guard.select(torch.tensor(ok), new, old, into_new=True)
+    assert out is new
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[special.to(dtype).element_size()]
+    for k in sizes:
+        assert torch.equal(out[k].view(bits), want[k].view(bits)), k
+
+
+def test_select_into_new_leaves_shared_storage_alone():
+    """A leaf that is a view of its old one is selected out of place (so is every leaf)."""
+    old = {"a": torch.arange(1 << 15, dtype=torch.float32), "b": torch.ones(3)}
+    new = {"a": old["a"][:], "b": torch.zeros(3)}
+    out = sf.guard.select(torch.tensor(False), new, old, into_new=True)
+    assert out is not new and torch.equal(out["a"], old["a"]) and torch.equal(out["b"], old["b"])
+    assert torch.equal(new["b"], torch.zeros(3))  # not written
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_zero_where_not_in_place_is_exact(ok):
+    t = torch.tensor([float("nan"), float("inf"), -0.0, 2.0])
+    want = t.clone() if ok else torch.zeros(4)
+    out = sf.guard.zero_where_not_(torch.tensor(ok), t)
+    assert out is t and torch.equal(t.view(torch.int32), want.view(torch.int32))
+
+
+def test_all_finite_cleaned_checks_then_cleans():
+    a, b = torch.ones(4), torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])
+    assert not bool(sf.guard.all_finite_cleaned_([a, b]))
+    assert torch.isfinite(b).all() and torch.equal(a, torch.ones(4))
+    assert bool(sf.guard.all_finite_cleaned_([a, b]))

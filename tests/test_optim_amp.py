@@ -238,3 +238,22 @@ def test_unscale_without_the_scale_raises_naming_the_line_and_changes_nothing():
     scaler.step(opt)
     assert opt.param_groups[0]["step"] == 1
     assert_moved("mlp", dict(model.named_parameters()))
+
+
+@pytest.mark.parametrize("structures", [("dense", "dense"), ("diagonal", "diagonal")])
+def test_step_inside_autocast_is_as_outside(structures):
+    """A step called inside an autocast region leaves it (no_autocast): it computes in
+    the factors' dtypes, so the parameters are those of steps outside it, bit for bit."""
+    trained = []
+    for inside in (False, True):
+        model = make_model("mlp").float()  # (autocast leaves float64 alone)
+        opt = sf.SINGD(model, **{**BASE, "T": 2, "structures": structures})
+        loss_fn = make_loss("batch")
+        for t in range(4):
+            x, y = make_batch("mlp", t, 16)
+            opt.zero_grad()
+            loss_fn(model(x.float()), y).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+                opt.step()
+        trained.append(dict(model.named_parameters()))
+    assert_same(*trained)

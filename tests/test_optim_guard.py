@@ -16,7 +16,7 @@ import torch
 
 import singd_functional as sf
 from tests._no_sync import no_host_sync
-from tests.models import make_batch, make_loss, make_model
+from tests.models import FAMILIES, make_batch, make_loss, make_model
 from tests.test_optim import BASE, assert_same
 from tests.test_optim_checkpoint import _assert_equal
 
@@ -215,3 +215,66 @@ def test_the_guard_off_is_the_unguarded_step():
             loss_fn(m(x), y).backward()
             o.step()
     assert_same(dict(a.named_parameters()), dict(b.named_parameters()))
+
+
+class _Net(torch.nn.Module):
+    """Two layers and a LayerNorm between them (no layer: its direction is its gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(5, 7)
+        self.norm = torch.nn.LayerNorm(7)
+        self.head = torch.nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.fc(x))))
+
+
+@pytest.mark.parametrize("structure", FAMILIES)
+@pytest.mark.parametrize("where", ["fc.weight", "fc.bias", "head.weight", "norm.weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")],
+                         ids=["nan", "inf", "-inf"])
+def test_one_nonfinite_gradient_entry_on_a_plain_step_changes_nothing(structure, where, value):
+    """A plain step checks the directions, not the gradients: one bad entry shows there,
+    for every structure, in a weight, a bias and a parameter outside every layer."""
+    model = _Net().double()
+    opt = sf.SINGD(model, model.parameters(), warn_unsupported=False,
+                   **{**HP, "T": 3, "structures": (structure, structure)})
+    loss_fn = make_loss("batch")
+    for t in range(3):  # a statistics step, a plain step, then the bad plain step
+        x, y = make_batch("mlp", t)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        if t == 2:
+            dict(model.named_parameters())[where].grad.view(-1)[1] = value
+            snap = _snapshot(model, opt)
+        opt.step()
+    _assert_unchanged(model, opt, snap)
+    assert int(opt.skipped_steps) == 1
+
+
+@pytest.mark.filterwarnings("ignore:SINGD skipped")
+@pytest.mark.parametrize("bad", ["fc", "head"], ids=["in-the-due-group", "in-the-plain-group"])
+def test_one_verdict_for_a_group_with_statistics_and_one_without(bad):
+    """Group fc has statistics every step, group head every other: a bad gradient in
+    either skips the whole step (neither group moves); a good step moves both."""
+    model = _Net().double()
+    opt = sf.SINGD(model, [{"params": [*model.fc.parameters(), *model.norm.parameters()]},
+                           {"params": model.head.parameters(), "T": 2}],
+                   warn_unsupported=False, **{**HP, "T": 1})
+    loss_fn = make_loss("batch")
+    for t in range(4):
+        x, y = make_batch("mlp", t)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        if t == 3:  # the head group's plain step, the fc group's statistics step
+            getattr(model, bad).weight.grad[0, 1] = float("nan")
+        snap = _snapshot(model, opt)
+        opt.step()
+        if t == 3:
+            _assert_unchanged(model, opt, snap)
+        else:
+            for k, p in snap[0].items():
+                assert not torch.equal(p, model.state_dict()[k]), k
+    assert int(opt.skipped_steps) == 1

@@ -180,10 +180,11 @@ class Hierarchical(StructuredMatrix):
         return _cat_broadcast([P[..., :k1, :], mid, P[..., k1:, :]], dim=-2)
 
     def rmatmat(self, X: Tensor) -> Tensor:
-        # K^T X = W^T [X1; X3] + (0, c, 0) * X
+        # K^T X = W^T [X1; X3] + (0, c, 0) * X, the product formed as ([X1; X3]^T W)^T
+        # (see HierarchicalOuter.matmat_right): 0.45-0.79x the time on X [513-785, 128]
         k1, n, _ = self._sizes
         X13 = torch.cat([X[..., :k1, :], X[..., k1 + n :, :]], dim=-2)
-        return self._W().mT @ X13 + self._c_full().unsqueeze(-1) * X
+        return torch.addcmul((X13.mT @ self._W()).mT, self._c_full().unsqueeze(-1), X)
 
     def matmat_right(self, X: Tensor) -> Tensor:
         # X K = [X1, X3] W + X * (0, c, 0)
@@ -192,9 +193,9 @@ class Hierarchical(StructuredMatrix):
         return X13 @ self._W() + X * self._c_full().unsqueeze(-2)
 
     def rmatmat_right(self, X: Tensor) -> Tensor:
-        # X K^T = [X W_top^T,  X2 * c,  X W_bottom^T]
+        # X K^T = [X W_top^T,  X2 * c,  X W_bottom^T], X W^T formed as (W X^T)^T (as rmatmat)
         k1, n, _ = self._sizes
-        P = X @ self._W().mT
+        P = (self._W() @ X.mT).mT
         mid = X[..., k1 : k1 + n] * self.c.unsqueeze(-2)
         return _cat_broadcast([P[..., :k1], mid, P[..., k1:]], dim=-1)
 
@@ -320,7 +321,9 @@ class HierarchicalOuter(StructuredMatrix):
         k1, n = self._k1, c2.shape[-1]
         X2 = X[..., k1 : k1 + n]
         Xh = torch.cat([X[..., :k1], X[..., k1 + n :]], dim=-1)
-        hub = X @ M  # symmetric: its hub rows are M^T
+        # symmetric: its hub columns are X M, formed as (M^T X^T)^T: MKL's GEMM with the
+        # long side of the product first took 0.58x the time (X [512, 785], 30 hub columns)
+        hub = (M.mT @ X.mT).mT
         if self._writes_into(X):
             out = X.new_empty(X.shape)
             mid = out[:, k1 : k1 + n]
