@@ -15,6 +15,10 @@ A group without statistics this step (otherwise) takes the core's preconditionin
 alone and does weight decay, heavy-ball, lr and the parameter update in place, fused
 over its parameters (``_lean_update``): the core's numbers to a rounding (the
 heavy-ball's, as torch.optim.SGD rounds it), without its fresh tensors per parameter.
+A group with statistics does the same after its factor update, which the eager drop-in
+(no ``compile=``) writes layer by layer into the state's own tensors
+(``_update_factors_``): one layer's temporaries alive at a time, no second copy of the
+factors.
 """
 
 from __future__ import annotations
@@ -60,10 +64,13 @@ def step(optimizer) -> None:
     then v <- 1 v + 0 and the update -0 v leave everything as it was, at the cost of one
     check and one cheap pass over the directions. (Under split_work their gradients are
     checked instead and zeroed in place, ``guard.zero_where_not_``, and lr and weight
-    decay gated.) Groups with statistics update as usual; the verdict takes their new
-    factors, momenta and buffers (a bad gradient, a bad statistic or an overflowing
-    update shows there), and each of their changed tensors is selected with
-    ``torch.where``.
+    decay gated.) Groups with statistics, eagerly: the verdict takes their gradients and
+    statistics, then each layer's factors are written where ok (``_update_factors_``: a
+    layer whose update overflows from finite statistics keeps its factors, the step
+    goes on), and their directions follow as above (made finite; weighted by ok). Under
+    fully_shard or split_work they take the core's update first; the verdict takes its
+    new factors, momenta and buffers, and each changed tensor is selected with
+    ``torch.where`` (``_apply``).
     """
     for grp, group in zip(optimizer._groups, optimizer.param_groups):
         check(grp, group)  # every group before any changes: a step is all or nothing
@@ -85,21 +92,30 @@ def step(optimizer) -> None:
         # plain groups step in place (_lean_update), guarded or not, so that the guard
         # changes no bit of a kept step; fully_shard / split_work keep the core's path
         lean = optimizer._lean and not sharded and not optimizer.split_work
+        del statistics  # (the plans hold them: each layer's is let go once it is used)
+        in_place = [n for n, (plan, _) in enumerate(live) if plan.statistics and lean]
         # the directions of the plain groups first, checked while in cache (one verdict
         # for all groups: it also takes the new state of the groups with statistics)
         directions = {n: _lean_directions(plan, group, grad_scale, guarded)
                       for n, (plan, group) in enumerate(live) if lean and not plan.statistics}
-        ok = _verdict(optimizer, [plan for plan, _ in live if not plan.statistics and not lean],
+        ok = _verdict(optimizer, [plan for n, (plan, _) in enumerate(live)
+                                  if n in in_place or not (plan.statistics or lean)],
                       flag) if guarded else None
         results: dict[int, tuple] = {}
         for n, (plan, group) in enumerate(live):
-            if plan.statistics or not (guarded or lean):
+            if n not in in_place and (plan.statistics or not (guarded or lean)):
                 results[n] = _update(optimizer, plan, group, grad_scale, None)
         if guarded:
             changed = [leaf for n, (_, new) in results.items()
                        for leaf, _ in guard.changed_leaves(new, live[n][0].state)]
+            changed += [t for n in in_place for stats in live[n][0].statistics.values()
+                        for M in stats for t in M.leaves]
             ok = guard.every([ok, *(finite for _, finite in directions.values()),
                               guard.all_finite(changed) if changed else None])
+            del changed
+        for n in in_place:  # written where ok; their directions are made finite (gated)
+            _update_factors_(optimizer, *live[n], ok, present)
+            directions[n] = _lean_directions(*live[n], grad_scale, guarded)
         selected = set(results) if ok is not None else set()
         for n, (plan, group) in enumerate(live):
             if n in directions:
@@ -335,6 +351,72 @@ def _update(optimizer, plan: _Plan, group: dict, grad_scale, gate: Tensor | None
             owners=_owners(optimizer, split_group), group=split_group, **options,
         )
     return group_transform(grp, group, active).update(grads, plan.state, plan.params, **options)
+
+
+def _update_factors_(optimizer, plan: _Plan, group: dict, ok: Tensor | None, present: dict
+                     ) -> None:
+    """The factor update of a group with statistics, layer by layer into the state's own
+    tensors (``step``), then their products; ``plan.state`` holds the new factors for
+    the step's directions (``_lean_update``).
+
+    Eagerly (no ``compile=``), each layer's statistics are the step's own (written over:
+    its new momenta) and are let go with its temporaries before the next layer's
+    update, so that one layer's work is alive at a time; the products are built from
+    the factors written. Written where ``ok`` (and where some process had statistics,
+    ``present``) and, guarded, where the layer's new factors and momenta are finite: a
+    layer whose update overflows from finite statistics keeps its factors.
+    """
+    hp = hyperparams(plan.grp, group, due=True)
+    update = group_directions(plan.grp, group, plan.active).update_layer
+    state = plan.state
+    # (compile=: a skipped layer gets its old products back; eagerly they are let go)
+    old_products = dict(plan.old_products) if optimizer._kernels is not None else {}
+    plan.old_products.clear()
+    made: dict[str, tuple] = {}
+    for name in list(plan.statistics):
+        K_C, m, products = update(state.factors[name], state.momenta.get(name),
+                                  plan.statistics.pop(name), hp.damping,
+                                  0.0 if hp.alpha1 is None else hp.alpha1, hp.lr_cov)
+        keep = present.get(name)
+        keep = ok if keep is None else keep if ok is None else ok & keep
+        if ok is not None:
+            leaves = [t for M in (*K_C, *(m or ())) for t in M.leaves]
+            finite = guard.all_finite(leaves, device=ok.device)
+            keep = finite if keep is None else keep & finite
+            del leaves
+        factors = _write_(keep, K_C, state.factors[name])
+        momenta = None if m is None else _write_(keep, m, state.momenta[name])
+        del K_C, m
+        state.factors[name] = factors
+        if momenta is not None:
+            state.momenta[name] = momenta
+        store_factors(plan.layer_state[name], factors, momenta)
+        made[name] = (products, keep)
+        del products
+    if group["T"] > 1:  # the cached products (_cached_products), once all layers are done
+        for name, (products, keep) in made.items():
+            if products is None or (keep is not None and name not in old_products):
+                products = outer_products(*state.factors[name])
+            elif keep is not None:  # (compile=: the kernel's, or the old ones)
+                products = guard.select(keep, products, old_products.pop(name))
+            state.products[name] = products
+
+
+def _write_(keep: Tensor | None, new: Factors, old: Factors) -> Factors:
+    """``new`` where ``keep`` (0-d bool; None: everywhere), written into ``old``'s leaves
+    where they can take it (contiguous, of its shapes and dtypes); else selected anew."""
+    leaves = [(n, o) for M, O in zip(new, old) for n, o in zip(M.leaves, O.leaves)]
+    if not all(o.is_contiguous() and o.shape == n.shape and o.dtype == n.dtype
+               for n, o in leaves):
+        return new if keep is None else guard.select(keep, new, old)
+    for n, o in leaves:
+        if n is o:
+            continue
+        if keep is None:
+            o.copy_(n)
+        else:
+            torch.where(keep, n, o, out=o)
+    return old
 
 
 def _lean_directions(plan: _Plan, group: dict, grad_scale, guarded: bool

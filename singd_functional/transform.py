@@ -193,6 +193,7 @@ class _Kronecker(NamedTuple):
 
     init: Callable[..., KroneckerState]
     step: Callable[..., tuple[dict[str, Tensor], KroneckerState]]
+    update_layer: Callable[..., tuple[Factors, Factors | None, dict | None]]
     keeps_momenta: bool
     layer_params: frozenset[str]
 
@@ -288,6 +289,19 @@ def _kronecker(
         # an empty batch has no statistics: those layers keep their factors this step
         return {name: part.stats for name, part in parts.items() if part.rows}
 
+    def update_layer(factors, momenta, stats, damping, alpha1, lr_cov):
+        """One layer's new ``(factors, momenta, products)`` for the drop-in: with
+        ``kernels`` their factor update; without, eagerly written over ``stats`` (the
+        caller's to give up), the products (None) left to the caller."""
+        if kernels is not None:
+            update = factor_kernel(factors, momenta)
+            return update(factors, momenta, stats, damping, alpha1, lr_cov)
+        new, m = update_factors(
+            factors, momenta, stats, damping=damping, alpha1=alpha1, lr_cov=lr_cov,
+            kfac_like=kfac_like, normalize_lr_cov=normalize_lr_cov, overwrite_stats=True,
+        )  # fmt: skip
+        return new, m, None
+
     def step(grads, state, keys, captures, statistics, grad_scale, damping, alpha1, lr_cov):
         """Directions for ``keys`` (C C^T G K K^T on layer parameters, the gradient on
         the others; divided by ``grad_scale``) and the new KroneckerState."""
@@ -324,7 +338,8 @@ def _kronecker(
             directions = {k: d / grad_scale for k, d in directions.items()}
         return directions, KroneckerState(state.count + 1, factors, momenta, products)
 
-    return _Kronecker(init, step, keeps_momenta, frozenset(k for i in layers for k in i.params))
+    return _Kronecker(init, step, update_layer, keeps_momenta,
+                      frozenset(k for i in layers for k in i.params))
 
 
 def _alpha1_check(keeps_momenta: bool, default, value) -> None:

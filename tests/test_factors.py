@@ -73,3 +73,38 @@ def test_update_factors_is_the_formula_bit_for_bit(structure, kfac_like, normali
     assert len(got_leaves) == len(want_leaves) > 0
     for a, b in zip(got_leaves, want_leaves):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("kfac_like", [False, True], ids=["singd", "ikfac"])
+def test_overwritten_statistics_give_the_same_bits_and_only_they_are_written(structure,
+                                                                           kfac_like):
+    """``overwrite_stats``: the same numbers, written into the statistics (dense: the new
+    momenta are their memory); factors and momenta passed in stay as they were, and
+    without it the statistics too (the pure core mutates nothing)."""
+    g = torch.Generator().manual_seed(1)
+    d_K, d_C = 7, 5
+    factors = Factors(_random(structure, d_K, g, 0.1), _random(structure, d_C, g, 0.1))
+    momenta = None if kfac_like else Factors(_random(structure, d_K, g, 0.01),
+                                             _random(structure, d_C, g, 0.01))
+    T = sf.structures.get(structure)
+    Y_K, Y_C = torch.randn(d_K, 9, generator=g), torch.randn(d_C, 9, generator=g)
+    kw = dict(damping=1e-3, alpha1=0.0 if kfac_like else 0.5, lr_cov=0.05,
+              kfac_like=kfac_like, normalize_lr_cov=True)
+    inputs = (factors, momenta)
+    before = [t.clone() for t in _leaves(inputs)]
+    stats = LayerStatistics(T.project_outer(Y_K), T.project_outer(Y_C))
+    stats_before = [t.clone() for t in _leaves(stats)]
+    want = update_factors(factors, momenta, stats, **kw)
+    for a, b in zip(_leaves(stats), stats_before):
+        assert torch.equal(a, b)
+    got = update_factors(factors, momenta, stats, overwrite_stats=True, **kw)
+    for a, b in zip(_leaves(got), _leaves(want)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for a, b in zip(_leaves(inputs), before):
+        assert torch.equal(a, b)
+    if structure == "dense":
+        written = got[1] if momenta is not None else None
+        if written is not None:
+            assert written.K.mat.data_ptr() == stats.H_K.mat.data_ptr()
+        assert not torch.equal(stats.H_K.mat, stats_before[0])

@@ -1,10 +1,10 @@
 """The drop-in's statistics step: the guard's selection changes no number, builds K K^T
 and C C^T once, and a skipped statistics step leaves factors and products as they were.
 
-The guarded step (the default) writes its selection into the tensors the core made this
-step and keeps the old products aside for a skipped step (``_step._apply``); the
-unguarded step (``opt._guard = False``) stores the core's results as they are. Both
-must agree bit for bit wherever the step is kept.
+The eager step writes each layer's new factors into the state's tensors where the
+guard keeps the step (the default; ``_step._update_factors_``) and rebuilds the
+products from what it wrote; the unguarded step (``opt._guard = False``) writes them
+as they are. Both must agree bit for bit wherever the step is kept.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def test_guarded_statistics_steps_equal_the_unguarded_bit_for_bit(structures, T)
 
 @pytest.mark.parametrize("structures", STRUCTURES[:2], ids=lambda s: "-".join(s))
 def test_a_guarded_statistics_step_builds_the_products_once(structures, monkeypatch):
-    """The core builds the new K K^T, C C^T (for this step's direction); the drop-in
-    builds none again, neither on a kept nor on a skipped statistics step."""
+    """Each statistics step builds each layer's K K^T, C C^T once: the eager drop-in,
+    from the factors it wrote (the old ones on a skipped step), and the core none."""
     model = _model()
     opt = sf.SINGD(model, structures=structures, T=2, **HP)
     for t in range(2):  # step 0 fills the cache, step 1 is a plain step
@@ -111,7 +111,7 @@ def test_a_guarded_statistics_step_builds_the_products_once(structures, monkeypa
                         counting("core", transform.outer_products))
     monkeypatch.setattr(_step, "outer_products", counting("drop-in", _step.outer_products))
     _step_once(model, opt, *_batch(2))  # kept
-    assert calls == {"core": 2, "drop-in": 0}
+    assert calls == {"core": 0, "drop-in": 2}
     x, y = _batch(3)
     _step_once(model, opt, x, y)  # plain
     x, y = _batch(4)
@@ -119,7 +119,7 @@ def test_a_guarded_statistics_step_builds_the_products_once(structures, monkeypa
     with pytest.warns(RuntimeWarning, match="skipped"):
         _step_once(model, opt, x, y)  # skipped statistics step
         _step_once(model, opt, *_batch(5))  # (the warning comes one step late)
-    assert calls == {"core": 4, "drop-in": 0}
+    assert calls == {"core": 0, "drop-in": 4}
 
 
 @pytest.mark.parametrize("structures", STRUCTURES, ids=lambda s: "-".join(s))
@@ -145,3 +145,48 @@ def test_a_skipped_statistics_step_changes_no_factor_product_or_parameter(struct
     _assert_identical(_layer_numbers(opt), before)
     assert all(p is None or all(torch.isfinite(t).all() for M in p.values() for t in _leaves(M))
                for p in products)
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "unguarded"])
+def test_an_eager_statistics_step_writes_into_the_state_tensors(guarded):
+    """K, C, m_K, m_C keep their tensors (and memory) across statistics steps: the new
+    values are written into them, no second copy is kept."""
+    model = _model()
+    opt = sf.SINGD(model, structures=("dense", "dense"), T=1, **HP)
+    opt._guard = guarded
+    _step_once(model, opt, *_batch(0))
+    keys = ("K", "C", "m_K", "m_C")
+    states = [opt.state[p] for p in (model[0].weight, model[2].weight)]
+    ptrs = [[st[k].mat.data_ptr() for k in keys] for st in states]
+    before = [[st[k].mat.clone() for k in keys] for st in states]
+    _step_once(model, opt, *_batch(1))
+    assert [[st[k].mat.data_ptr() for k in keys] for st in states] == ptrs
+    assert all(not torch.equal(st[k].mat, b)
+               for st, bs in zip(states, before) for k, b in zip(keys, bs))
+
+
+def test_a_layer_whose_update_overflows_keeps_its_factors_and_the_step_goes_on():
+    """Finite statistics, but K m_K beyond float32 in one layer: that layer keeps K, C,
+    m_K, m_C bit for bit (unguarded, its K becomes inf); the other layer updates as
+    unguarded, and the step is not counted as skipped."""
+    runs = []
+    for guarded in (True, False):
+        model = _model(torch.float32)
+        opt = sf.SINGD(model, structures=("dense", "dense"), T=1, **{**HP, "lr": 0.0})
+        opt._guard = guarded
+        _step_once(model, opt, *_batch(0, torch.float32))
+        opt.state[model[0].weight]["K"].mat.mul_(1e15)  # finite statistics, K m_K is not
+        runs.append((model, opt))
+    keys = ("K", "C", "m_K", "m_C")
+    (model, opt), (ref_model, ref) = runs
+    bad = opt.state[model[0].weight]
+    before = [bad[k].mat.clone() for k in keys]
+    for m, o in runs:
+        _step_once(m, o, *_batch(1, torch.float32))
+    for k, b in zip(keys, before):
+        assert torch.equal(bad[k].mat, b)
+    assert not torch.isfinite(ref.state[ref_model[0].weight]["K"].mat).all()
+    good, ref_good = opt.state[model[2].weight], ref.state[ref_model[2].weight]
+    for k in keys:
+        assert torch.equal(good[k].mat, ref_good[k].mat)
+    assert int(opt.skipped_steps) == 0
