@@ -101,7 +101,9 @@ class OfficialNames:
     ``Ks, Cs, m_Ks, m_Cs``    {layer name: structured matrix} (``m_Ks`` empty when alpha1 = 0)
     ``H_Ks, H_Cs``            {layer name: statistics accumulated since the last step}
                               (empty right after a step; H_C divided by the square of the
-                              expected loss scale: init_grad_scale, then the last step's)
+                              expected loss scale: init_grad_scale, then the last step's;
+                              the tensors are the step's workspace: clone them to keep
+                              them past the next ``step()``)
     ``preconditioner_dims``   (d_K, d_C) of a layer module
     class attributes          ``SUPPORTED_STRUCTURES``, ``SUPPORTED_MODULES``,
                               ``SUPPORTED_LOSS_AVERAGE``, ``STATE_ATTRIBUTES``
