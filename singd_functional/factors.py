@@ -73,14 +73,18 @@ def _direction(H: StructuredMatrix, a, gram: StructuredMatrix, s, rho, overwrite
 
 def _scratch(M: StructuredMatrix, *others: StructuredMatrix) -> bool:
     """Whether M (a fresh result) may be written over with an elementwise op's result:
-    eagerly, each leaf contiguous with a storage of its own that none of ``others`` (of
-    M's structure, shapes and dtypes: the op then rounds as out of place) shares. No
-    structure's product returns a view or its argument, but none promises it."""
+    eagerly, each leaf contiguous with a storage of its own, of its own size (a Toeplitz
+    product's coefficients are the head of a longer FFT output: written over, the state
+    would keep the whole output), that none of ``others`` (of M's structure, shapes and
+    dtypes: the op then rounds as out of place) shares. No structure's product returns
+    its argument, but none promises it."""
     leaves = M.leaves
     if not _eager(*leaves):
         return False
     ptrs = {t.untyped_storage().data_ptr() for t in leaves}
-    if len(ptrs) != len(leaves) or not all(t.is_contiguous() for t in leaves):
+    if len(ptrs) != len(leaves) or not all(
+            t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            for t in leaves):
         return False
     for other in others:
         if type(other) is not type(M) or any(

@@ -108,3 +108,21 @@ def test_overwritten_statistics_give_the_same_bits_and_only_they_are_written(str
         if written is not None:
             assert written.K.mat.data_ptr() == stats.H_K.mat.data_ptr()
         assert not torch.equal(stats.H_K.mat, stats_before[0])
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_new_factors_and_momenta_hold_storages_of_their_own_size(structure):
+    """The state after an update holds no more bytes than its leaves: a product whose
+    leaves are the head of a longer buffer (Toeplitz coefficients out of an FFT) is not
+    written over in place, or the state would keep the whole buffer."""
+    g = torch.Generator().manual_seed(2)
+    d_K, d_C = 7, 5
+    factors = Factors(_random(structure, d_K, g, 0.1), _random(structure, d_C, g, 0.1))
+    momenta = Factors(_random(structure, d_K, g, 0.01), _random(structure, d_C, g, 0.01))
+    T = sf.structures.get(structure)
+    stats = LayerStatistics(T.project_outer(torch.randn(d_K, 9, generator=g)),
+                            T.project_outer(torch.randn(d_C, 9, generator=g)))
+    new = update_factors(factors, momenta, stats, damping=1e-3, alpha1=0.5, lr_cov=0.05,
+                         kfac_like=False, normalize_lr_cov=True)
+    for t in _leaves(new):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
