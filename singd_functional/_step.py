@@ -377,13 +377,9 @@ def _update_factors_(optimizer, plan: _Plan, group: dict, ok: Tensor | None, pre
         K_C, m, products = update(state.factors[name], state.momenta.get(name),
                                   plan.statistics.pop(name), hp.damping,
                                   0.0 if hp.alpha1 is None else hp.alpha1, hp.lr_cov)
-        keep = present.get(name)
-        keep = ok if keep is None else keep if ok is None else ok & keep
-        if ok is not None:
-            leaves = [t for M in (*K_C, *(m or ())) for t in M.leaves]
-            finite = guard.all_finite(leaves, device=ok.device)
-            keep = finite if keep is None else keep & finite
-            del leaves
+        finite = None if ok is None else guard.all_finite(
+            [t for M in (*K_C, *(m or ())) for t in M.leaves], device=ok.device)
+        keep = guard.every([ok, present.get(name), finite])
         factors = _write_(keep, K_C, state.factors[name])
         momenta = None if m is None else _write_(keep, m, state.momenta[name])
         del K_C, m
@@ -405,17 +401,15 @@ def _update_factors_(optimizer, plan: _Plan, group: dict, ok: Tensor | None, pre
 def _write_(keep: Tensor | None, new: Factors, old: Factors) -> Factors:
     """``new`` where ``keep`` (0-d bool; None: everywhere), written into ``old``'s leaves
     where they can take it (contiguous, of its shapes and dtypes); else selected anew."""
+    if keep is not None:  # old where not keep, else new: the guard's selection, into old
+        return guard.select(~keep, old, new, into_new=True)
     leaves = [(n, o) for M, O in zip(new, old) for n, o in zip(M.leaves, O.leaves)]
     if not all(o.is_contiguous() and o.shape == n.shape and o.dtype == n.dtype
                for n, o in leaves):
-        return new if keep is None else guard.select(keep, new, old)
+        return new
     for n, o in leaves:
-        if n is o:
-            continue
-        if keep is None:
+        if n is not o:
             o.copy_(n)
-        else:
-            torch.where(keep, n, o, out=o)
     return old
 
 
